@@ -1,0 +1,165 @@
+"""``rpt``: the command line. Thin: each command parses, then calls one function."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="ray-pretrain: distributed pre-training on Ray.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect run configs.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets.")
+models_app = typer.Typer(no_args_is_help=True, help="Registered models.")
+schedules_app = typer.Typer(no_args_is_help=True, help="Learning-rate schedules.")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(schedules_app, name="schedules")
+console = Console()
+err = Console(stderr=True)
+
+OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. trainer.max_steps=50 model.preset=debug")
+
+
+def _fail(e: BaseException) -> None:
+    err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _load(path: str, overrides: list[str] | None):
+    from cluster.config import ConfigError, load_config
+
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as e:
+        _fail(e)
+
+
+@config_app.command("show")
+def config_show(config: str, overrides: list[str] | None = OVERRIDES) -> None:
+    """Print the resolved config (file + overrides + defaults) as YAML."""
+    from cluster.config import dump_config
+
+    console.print(dump_config(_load(config, overrides)), highlight=False, markup=False, end="")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    config: str,
+    overrides: list[str] | None = OVERRIDES,
+    overwrite: bool = typer.Option(False, help="replace an existing prepared folder"),
+    if_missing: bool = typer.Option(False, "--if-missing", help="do nothing when data.path already holds a manifest"),
+) -> None:
+    """Tokenise and pack the config's corpus (data.prepare) into Parquet shards at data.path."""
+    from pathlib import Path
+
+    cfg = _load(config, overrides)
+    if if_missing and Path(cfg.data.path, "manifest.json").is_file():
+        console.print(f"{cfg.data.path} is already prepared")
+        return
+    try:
+        pcfg = cfg.data.prepare_config(overwrite=overwrite)
+        if pcfg is None:
+            raise ValueError(f"{config}: data.prepare is not set: add data.prepare.corpus (e.g. builtin:pydoc)")
+        from cluster.ray_env import init_ray
+        from data.prepare import prepare
+
+        init_ray(None, dashboard=False)
+        prepare(pcfg, progress=True)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+
+
+@app.command()
+def train(
+    config: str,
+    overrides: list[str] | None = OVERRIDES,
+    address: str | None = typer.Option(None, help="join a running Ray cluster (ray://... or auto)"),
+    resume: bool = typer.Option(False, help="continue the run of this name from its latest checkpoint"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (overrides config and env)"),
+    register: bool = typer.Option(True, help="register the final model in the MLflow Model Registry"),
+    dashboard: bool = typer.Option(False, help="start the Ray dashboard with a local instance"),
+) -> None:
+    """Train one run: Ray Data shards -> Ray Train + DeepSpeed -> MLflow run and registered model."""
+    from cluster.config import ConfigError
+    from cluster.tracking import ui_hint
+    from cluster.train import run_train
+
+    cfg = _load(config, overrides)
+    try:
+        out = run_train(cfg, address=address, resume=resume, tracking_uri=tracking_uri, register=register,
+                        dashboard=dashboard)
+    except ConfigError as e:
+        _fail(e)
+    m = out.metrics
+    console.print(f"[bold green]done[/] run [bold]{out.run_name}[/]  step {m.get('step')}  "
+                  f"train/loss {m.get('train/loss', float('nan')):.4f}  val/loss {m.get('val/loss', float('nan')):.4f}")
+    console.print(f"MLflow run id: {out.mlflow_run_id}")
+    console.print(f"checkpoint:    {out.checkpoint}")
+    if out.model_version:
+        console.print(f"model:         models:/{out.model_name}/{out.model_version}  (alias @{cfg.tracking.alias})")
+    console.print(f"MLflow UI:     {ui_hint(out.tracking_uri)}")
+
+
+@models_app.command("pull")
+def models_pull(
+    uri: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION or models:/..."),
+    dest: str = typer.Argument(...),
+    tracking_uri: str | None = typer.Option(None),
+) -> None:
+    """Download a registered model's weights, config and tokenizer into DEST."""
+    from cluster.registry import pull
+    from cluster.tracking import resolve_tracking_uri
+
+    try:
+        out = pull(uri, dest, tracking_uri=resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri))
+    except Exception as e:  # MLflow raises its own exception types for unknown names/aliases
+        _fail(e)
+    console.print(f"pulled {uri} -> {out}")
+
+
+@app.command()
+def generate(
+    uri: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION, models:/... or a local export folder"),
+    prompt: str = typer.Option(..., help="text to continue"),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.8, help="0 = greedy"),
+    top_k: int | None = typer.Option(50),
+    seed: int = typer.Option(0),
+    tracking_uri: str | None = typer.Option(None),
+) -> None:
+    """Sample a continuation of PROMPT from a registered model."""
+    import torch
+
+    from cluster.registry import load_model
+    from cluster.tracking import resolve_tracking_uri
+    from models import generate as sample
+
+    try:
+        model, tok = load_model(uri, tracking_uri=resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri))
+    except Exception as e:
+        _fail(e)
+    eos = tok.token_to_id("<|eos|>")
+    ids = torch.tensor([tok.encode(prompt).ids or [eos]])
+    out = sample(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 generator=torch.Generator().manual_seed(seed), eos_id=eos)
+    console.print(prompt + tok.decode(out[0, ids.shape[1]:].tolist()), highlight=False, markup=False)
+
+
+@schedules_app.command("list")
+def schedules_list() -> None:
+    """The registered schedule names."""
+    from trainers import schedules
+
+    console.print("\n".join(schedules.available()))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Starting or joining Ray with the settings this project needs."""
+
+from __future__ import annotations
+
+import os
+
+# Train V2 polls workers every 2 s by default; 0.25 s cuts the fixed cost of every fit() by ~5 s.
+WORKER_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def init_ray(address: str | None = None, *, cpus_needed: float = 0.0, dashboard: bool | None = None) -> None:
+    """Join ``address`` or start a local instance.
+
+    Locally the logical CPU count is raised above the physical one when the train workers would take
+    every core: otherwise Ray Data has no CPU left to read and the stream hangs (measured on 2 cores).
+    """
+    import ray
+
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    if not os.environ.get("CUDA_VISIBLE_DEVICES") and not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": {k: os.environ[k] for k in (*WORKER_ENV, "DS_ACCELERATOR") if k in os.environ}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+        return
+    physical = os.cpu_count() or 1
+    num_cpus = max(physical, int(cpus_needed + 2 + 0.999))
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False

@@ -1,0 +1,38 @@
+"""MLflow on the driver: resolve the tracking URI, create experiments with an explicit artifact location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def resolve_tracking_uri(configured: str, override: str | None = None) -> str:
+    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > the config; relative SQLite paths become absolute
+    (Ray workers run in other working directories)."""
+    uri = override or os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def resolve_artifact_root(root: str) -> str:
+    if "://" in root:
+        return root
+    return Path(root).resolve().as_uri()
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_root: str) -> str:
+    """The experiment id, creating the experiment with ``artifact_root/name`` as its artifact location."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=f"{resolve_artifact_root(artifact_root)}/{name}")
+
+
+def ui_hint(tracking_uri: str) -> str:
+    if tracking_uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {tracking_uri}"
+    return f"open {tracking_uri}"

@@ -1,0 +1,209 @@
+"""Driver of one training run: validate -> start/join Ray -> TorchTrainer.fit -> register the model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster import tracking
+from cluster.config import ConfigError, dump_config
+from trainers.checkpoint import TRAIN_STATE, TrainState
+from trainers.config import RunConfig
+
+log = logging.getLogger(__name__)
+RUN_FILE = "rpt_run.json"  # in the Ray run folder: links it to its MLflow run
+
+
+@dataclass
+class TrainOutcome:
+    run_name: str
+    mlflow_run_id: str
+    checkpoint: str | None
+    model_name: str | None
+    model_version: int | None
+    metrics: dict[str, Any]
+    tracking_uri: str
+
+
+@dataclass
+class DataCheck:
+    manifest: Any
+    vocab_size: int
+    seq_len: int
+    tokenizer_path: str
+
+
+def check_data(cfg: RunConfig) -> DataCheck:
+    """Everything about the prepared data that can fail, checked on the driver before Ray starts."""
+    from data.manifest import Manifest
+
+    root = Path(cfg.data.path)
+    try:
+        manifest = Manifest.load(root)
+        if cfg.data.verify_shards:
+            manifest.verify(root)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
+    vocab = manifest.tokenizer.vocab_size
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != vocab:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} does not match the tokenizer vocabulary of {vocab} "
+            f"({root / manifest.tokenizer.path}); remove model.vocab_size (it defaults to the tokenizer's) "
+            "or prepare the data with data.prepare.vocab_size matching the model"
+        )
+    if cfg.model.max_seq_len is not None and cfg.model.max_seq_len < manifest.seq_len:
+        raise ConfigError(
+            f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the data's seq_len={manifest.seq_len} "
+            f"({root}/manifest.json); raise model.max_seq_len or prepare shorter rows"
+        )
+    if cfg.trainer.init_from:
+        init_cfg = Path(cfg.trainer.init_from, "model_config.json")
+        if not init_cfg.is_file():
+            raise ConfigError(f"trainer.init_from={cfg.trainer.init_from!r} holds no model_config.json")
+        src_vocab = json.loads(init_cfg.read_text()).get("vocab_size")
+        if src_vocab != vocab:
+            raise ConfigError(
+                f"trainer.init_from model has vocab_size {src_vocab}, the data's tokenizer has {vocab}: "
+                "continue pre-training with data tokenised by the model's own tokenizer"
+            )
+    return DataCheck(manifest, vocab, manifest.seq_len, str((root / manifest.tokenizer.path).resolve()))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a Ray run (the one holding the highest step)."""
+    best: tuple[int, Path] | None = None
+    for d in run_dir.glob("checkpoint_*"):
+        if (d / TRAIN_STATE).is_file():
+            step = TrainState.load(d).step
+            if best is None or step > best[0]:
+                best = (step, d)
+    return best[1] if best else None
+
+
+def _unique_run_name(storage: Path, name: str) -> str:
+    if not (storage / name).exists():
+        return name
+    i = 2
+    while (storage / f"{name}-{i}").exists():
+        i += 1
+    new = f"{name}-{i}"
+    log.warning("run %r already exists in %s: starting %r (pass --resume to continue %r)", name, storage, new, name)
+    return new
+
+
+def _flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_params(v, key + "."))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def run_train(
+    cfg: RunConfig,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+    register: bool = True,
+    dashboard: bool | None = False,
+    extra_aliases: tuple[str, ...] = (),
+) -> TrainOutcome:
+    import mlflow
+    import ray.train
+    from mlflow import MlflowClient
+    from ray.train.torch import TorchTrainer
+
+    from cluster.ray_env import init_ray
+    from cluster.registry import register_checkpoint
+    from data.stream import PlannedDataConfig, load_shards
+    from trainers.loop import train_loop_per_worker
+
+    t = cfg.trainer
+    data = check_data(cfg)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, tracking_uri)
+    storage = Path(cfg.storage_path).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    name = cfg.name if resume else _unique_run_name(storage, cfg.name)
+    run_dir = storage / name
+
+    # --- where this fit starts --------------------------------------------------------------
+    start_rows, start_step, run_id = 0, 0, None
+    if resume:
+        if not run_dir.is_dir():
+            raise ConfigError(f"--resume: no run {name!r} in storage_path={str(storage)!r}")
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            st = TrainState.load(ckpt)
+            start_rows, start_step, run_id = st.data_position["rows_consumed"], st.step, st.mlflow_run_id
+        if (run_dir / RUN_FILE).is_file():
+            run_id = json.loads((run_dir / RUN_FILE).read_text())["mlflow_run_id"]
+
+    # --- tracking ---------------------------------------------------------------------------
+    exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    client = MlflowClient(uri)
+    if run_id is None:
+        run = client.create_run(exp_id, run_name=name, tags={"rpt.config_name": cfg.name, "rpt.objective": cfg.objective.name})
+        run_id = run.info.run_id
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in _flat_params(cfg.model_dump(mode="json")).items()])
+        client.log_text(run_id, dump_config(cfg), "config.yaml")
+        client.log_text(run_id, data.manifest.model_dump_json(indent=2), "data/manifest.json")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
+
+    # --- Ray ----------------------------------------------------------------------------------
+    init_ray(address, cpus_needed=t.num_workers * t.cpus_per_worker, dashboard=dashboard)
+    shards = load_shards(cfg.data.path, "train")
+    count = (t.max_steps - start_step) * t.rows_per_step
+    fit = {
+        "shards": [s.__dict__ for s in shards],
+        "start_rows": start_rows,
+        "start_step": start_step,
+        "tokenizer_path": data.tokenizer_path,
+        "vocab_size": data.vocab_size,
+        "seq_len": data.seq_len,
+        "tracking_uri": uri,
+        "mlflow_run_id": run_id,
+        "marker_path": str(run_dir / ".failure_injected") if t.fail_at_step else None,
+    }
+    val_paths = [str(p.resolve()) for p in data.manifest.shard_paths(cfg.data.path, "val")]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.model_dump(mode="json"), "fit": fit},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets={
+            "train": ray.data.read_parquet([s.path for s in shards], columns=["tokens", "row_id"]),
+            "val": ray.data.read_parquet(val_paths, columns=["tokens", "row_id"]),
+        },
+        dataset_config=PlannedDataConfig(shards, world_size=t.num_workers, seed=cfg.seed, start=start_rows, count=count),
+    )
+    result = trainer.fit()
+    if result.error:
+        client.set_terminated(run_id, status="FAILED")
+        raise result.error
+
+    # --- registry -------------------------------------------------------------------------------
+    ckpt_path = result.checkpoint.path if result.checkpoint else None
+    model_name = version = None
+    if register and ckpt_path:
+        model_name = cfg.tracking.registered_model or cfg.name
+        version = register_checkpoint(
+            ckpt_path, run_id=run_id, name=model_name, aliases=[cfg.tracking.alias, *extra_aliases], tracking_uri=uri
+        )
+        client.set_tag(run_id, "rpt.checkpoint", ckpt_path)
+    client.set_terminated(run_id, status="FINISHED")
+    return TrainOutcome(name, run_id, ckpt_path, model_name, version, dict(result.metrics or {}), uri)

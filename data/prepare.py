@@ -1,0 +1,451 @@
+"""`rpt data prepare`: corpus -> byte-level BPE tokenizer -> packed, tokenized Parquet shards + manifest.
+
+Pipeline (Ray Data unless noted):
+
+1. read the corpus into a `text` column (`data/corpus.py`) and annotate every document with its
+   character count and two keyed-hash uniforms (`data/pack.py:document_uniforms`); materialized once;
+2. driver: choose the validation documents (`u_split < val_threshold`, at least one when
+   `val_fraction > 0`), then train the tokenizer on a seeded sample of the *training* documents
+   (`u_sample < tokenizer_train_chars / train_characters`), or load the given `tokenizer.json`;
+3. `map_batches` with a callable class on `num_actors` actors: `encode_batch`, EOS after each document,
+   concatenate and cut into rows of `seq_len + 1` tokens (numpy reshape), train and val separately;
+   each batch's leftover tail comes back as one padded row marked by its valid length;
+4. driver: stitch the per-batch tails into further rows (only the last tail of each split, fewer than
+   `row_len` tokens, is dropped and reported), shuffle rows with a seeded permutation, write shards.
+
+Scale: step 4 holds the packed rows of the corpus in driver memory (4 bytes per token, twice during the
+shuffle), e.g. ~8 GB for 1 B tokens. Larger corpora should be prepared in parts (one output folder per
+part, combined as a mixture by the reader), which also keeps each preparation restartable.
+
+Everything is written to a temporary sibling folder and renamed to `out_dir` at the end, so a failure
+leaves no half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray.data import DataContext
+
+from data import pack
+from data.corpus import BUILTIN_CORPORA, BUILTIN_PREFIX, read_corpus, resolve_corpus
+from data.manifest import (
+    DocumentCounts,
+    Manifest,
+    ShardInfo,
+    SourceInfo,
+    SplitInfo,
+    TokenizerInfo,
+)
+from data.tokenizer import (
+    BASE_SPECIAL_TOKENS,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    load_tokenizer,
+    min_vocab_size,
+    special_token_ids,
+    tokenizer_sha256,
+    train_tokenizer,
+)
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_NAME = "tokenizer.json"
+SPLIT_CODES = {"train": 0, "val": 1}
+
+
+class PrepareConfig(BaseModel):
+    """Settings of one `rpt data prepare` run. Unknown keys and out-of-range values are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    corpus: str = Field(
+        description="folder/file of text, Parquet or JSONL, or builtin:pydoc|stdlib-py|c-headers"
+    )
+    out_dir: Path = Field(description="output folder (must not exist or be empty unless overwrite)")
+    seq_len: int = Field(128, ge=2, le=1 << 20, description="model context; rows hold seq_len + 1 tokens")
+    vocab_size: int = Field(4096, le=(1 << 31) - 1, description="BPE vocab incl. 256 bytes + special tokens")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents held out for val")
+    shard_rows: int = Field(2048, ge=1, description="rows per Parquet shard (the last may be smaller)")
+    seed: int = Field(0, ge=0, le=(1 << 64) - 1, description="seeds the split, tokenizer sample, shuffle")
+    tokenizer: Path | None = Field(None, description="existing tokenizer.json to use instead of training one")
+    text_column: str = Field("text", min_length=1, description="document column of Parquet/JSONL corpora")
+    max_documents: int | None = Field(None, ge=1, description="keep only the first N documents")
+    special_tokens: list[str] = Field(default_factory=list, description="extra special tokens after eos/pad")
+    overwrite: bool = Field(False, description="replace an existing non-empty out_dir")
+    tokenizer_train_chars: int = Field(
+        50_000_000, ge=1, description="characters of training documents sampled to train the tokenizer"
+    )
+    docs_per_batch: int = Field(256, ge=1, description="documents per tokenize/pack batch (map_batches)")
+    num_actors: int = Field(2, ge=1, description="tokenizer actors (map_batches concurrency)")
+
+    @field_validator("corpus")
+    @classmethod
+    def _corpus(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("corpus must be a path or builtin:NAME, got an empty string")
+        if v.startswith(BUILTIN_PREFIX) and v[len(BUILTIN_PREFIX) :] not in BUILTIN_CORPORA:
+            allowed = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_CORPORA)
+            raise ValueError(f"unknown builtin corpus {v!r}; allowed: {allowed}")
+        return v
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _special_tokens(cls, v: list[str]) -> list[str]:
+        if any(not t or t.isspace() for t in v):
+            raise ValueError(f"special_tokens must be non-empty strings, got {v!r}")
+        dupes = sorted({t for t in v if v.count(t) > 1 or t in BASE_SPECIAL_TOKENS})
+        if dupes:
+            raise ValueError(
+                f"special_tokens {dupes} are duplicated ({EOS_TOKEN} and {PAD_TOKEN} are always added)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _vocab(self) -> PrepareConfig:
+        need = min_vocab_size(self.special_tokens)
+        if self.tokenizer is None and self.vocab_size < need:
+            raise ValueError(
+                f"vocab_size={self.vocab_size} is too small: a byte-level BPE needs >= {need} "
+                f"(256 byte symbols + {need - 256} special tokens)"
+            )
+        return self
+
+
+# ---- Ray Data UDFs ------------------------------------------------------------------------------
+
+
+def _annotate(batch: pa.Table, *, seed: int) -> pa.Table:
+    """Add per-document `chars`, `u_split`, `u_sample` (see `pack.document_uniforms`)."""
+    texts = batch.column("text").to_pylist()
+    u_split, u_sample = pack.document_uniforms(texts, seed)
+    chars = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    return (
+        batch.append_column("chars", pa.array(chars))
+        .append_column("u_split", pa.array(u_split))
+        .append_column("u_sample", pa.array(u_sample))
+    )
+
+
+class TokenizeAndPack:
+    """Ray Data callable class: documents -> packed rows, per split. Loads the tokenizer once per actor.
+
+    The tokenizer file lies next to the shards, so on a multi-node cluster `out_dir` must be on storage
+    every node sees (which training needs anyway to read the shards).
+    """
+
+    def __init__(self, tokenizer_path: str, *, row_len: int, eos_id: int, pad_id: int, threshold: float):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(tokenizer_path)
+        # A literal "<|eos|>" inside a document is text, not a document boundary: only the packer
+        # writes special ids (by default `tokenizers` would map the string to id 0).
+        self.tok.encode_special_tokens = True
+        # encode_batch_fast skips the character offsets we do not use (same ids as encode_batch).
+        self.encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        self.row_len, self.eos_id, self.pad_id, self.threshold = row_len, eos_id, pad_id, threshold
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        is_val = batch.column("u_split").to_numpy() < self.threshold
+        encodings = self.encode(batch.column("text").to_pylist(), add_special_tokens=False)
+        ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        tokens, n_valid, split = [np.empty((0, self.row_len), np.int32)], [np.empty(0, np.int32)], []
+        for name, mask in (("train", ~is_val), ("val", is_val)):
+            docs = [ids[i] for i in np.flatnonzero(mask)]
+            if not docs:
+                continue
+            packed = pack.pack_documents(docs, row_len=self.row_len, eos_id=self.eos_id)
+            rows, valid = pack.rows_with_tail(packed, pad_id=self.pad_id)
+            tokens.append(rows)
+            n_valid.append(valid)
+            split.append(np.full(len(rows), SPLIT_CODES[name], dtype=np.int8))
+        return {
+            "tokens": np.concatenate(tokens),  # (rows, row_len) int32
+            "n_valid": np.concatenate(n_valid),  # (rows,) real tokens per row; < row_len marks a tail
+            "split": np.concatenate(split) if split else np.empty(0, np.int8),
+        }
+
+
+# ---- driver helpers -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _data_context(progress: bool) -> Iterator[None]:
+    """Deterministic block order (packing and sharding depend on it) and progress bars, restored after."""
+    ctx = DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = progress
+    ctx.print_on_execution_start = progress
+    try:
+        yield
+    finally:
+        (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start) = saved
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"out_dir {str(out_dir)!r} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"out_dir {str(out_dir)!r} already exists and is not empty; choose another out_dir or set "
+            "overwrite=True (`rpt data prepare --overwrite`) to replace it"
+        )
+
+
+def _gather_numpy(ds: ray.data.Dataset, columns: list[str]) -> dict[str, np.ndarray]:
+    """Columns of a dataset concatenated on the driver, in block order."""
+    if list(ds.columns()) != columns:
+        ds = ds.select_columns(columns)
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for c in columns:
+            parts[c].append(np.asarray(batch[c]))
+    return {c: np.concatenate(v) if v else np.empty(0) for c, v in parts.items()}
+
+
+def _tokenizer_texts(docs: ray.data.Dataset, threshold: float, sample_fraction: float) -> Iterator[list[str]]:
+    """Training documents with `u_sample < sample_fraction`, streamed to the driver in batches."""
+    for batch in docs.iter_batches(batch_size=512, batch_format="pyarrow"):
+        keep = (batch.column("u_split").to_numpy() >= threshold) & (
+            batch.column("u_sample").to_numpy() < sample_fraction
+        )
+        if keep.any():
+            texts = batch.column("text").to_pylist()
+            yield [texts[i] for i in np.flatnonzero(keep)]
+
+
+def _tokens_table(rows: np.ndarray, row_id_start: int) -> pa.Table:
+    n, row_len = rows.shape
+    tokens = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(rows).reshape(-1)), row_len)
+    row_ids = pa.array(np.arange(row_id_start, row_id_start + n, dtype=np.int64))
+    return pa.table({"tokens": tokens, "row_id": row_ids})
+
+
+def _write_split(rows: np.ndarray, *, out_dir: Path, split: str, shard_rows: int) -> SplitInfo:
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    shards = []
+    row_len = rows.shape[1]
+    for i, (start, stop) in enumerate(pack.shard_bounds(len(rows), shard_rows)):
+        rel = f"{split}/part-{i:05d}.parquet"
+        pq.write_table(_tokens_table(rows[start:stop], start), out_dir / rel)
+        shards.append(
+            ShardInfo(path=rel, rows=stop - start, tokens=(stop - start) * row_len, row_id_start=start)
+        )
+    return SplitInfo(rows=len(rows), tokens=len(rows) * row_len, shards=shards)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+_SUMMARY_ROWS = ("corpus", "documents", "characters", "vocab_size", "train_rows", "val_rows", "tokens",
+                 "dropped_tokens", "shards", "seconds", "tokens_per_s")  # fmt: skip
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"rpt data prepare -> {summary['out_dir']}", show_header=False)
+    for key in _SUMMARY_ROWS:
+        table.add_row(key, _fmt(summary[key]))
+    Console().print(table)
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+
+def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Prepare `config.corpus` into `config.out_dir`; returns a summary dict (and prints it if `progress`).
+
+    Uses the current Ray instance (Ray Data starts a local one if none is running). Summary keys:
+    out_dir, corpus, documents, train_documents, val_documents, characters, vocab_size, train_rows,
+    val_rows, tokens (all tokens incl. one EOS per document), packed_tokens, dropped_tokens, shards,
+    train_shards, val_shards, seconds, tokens_per_s.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(config.out_dir).expanduser().absolute()
+    _check_out_dir(out_dir, config.overwrite)
+    source = resolve_corpus(config.corpus, max_documents=config.max_documents)  # path errors before Ray work
+    if config.tokenizer is not None:
+        given_tokenizer = load_tokenizer(config.tokenizer)
+    row_len = config.seq_len + 1
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        with _data_context(progress):
+            docs = (
+                read_corpus(source, text_column=config.text_column, max_documents=config.max_documents)
+                .map_batches(
+                    _annotate, fn_kwargs={"seed": config.seed}, batch_format="pyarrow", batch_size=None
+                )
+                .materialize()
+            )
+            stats = _gather_numpy(docs, ["chars", "u_split"])
+            n_docs = len(stats["chars"])
+            threshold = pack.val_threshold(stats["u_split"], config.val_fraction)
+            is_val = stats["u_split"] < threshold
+            n_val = int(is_val.sum())
+            n_train = n_docs - n_val
+            if n_train == 0:
+                raise ValueError(
+                    f"corpus {config.corpus!r} has {n_docs} document(s), none left for training after "
+                    f"holding out val_fraction={config.val_fraction}; add documents or lower val_fraction"
+                )
+            characters = int(stats["chars"].sum())
+            train_chars = int(stats["chars"][~is_val].sum())
+
+            tok_path = tmp / TOKENIZER_NAME
+            if config.tokenizer is not None:
+                shutil.copyfile(config.tokenizer, tok_path)
+                tok = given_tokenizer
+            else:
+                sample_fraction = min(1.0, config.tokenizer_train_chars / max(train_chars, 1))
+                tok = train_tokenizer(
+                    _tokenizer_texts(docs, threshold, sample_fraction),
+                    config.vocab_size,
+                    config.special_tokens,
+                    show_progress=progress,
+                )
+                tok.save(str(tok_path))
+            vocab_size = tok.get_vocab_size(with_added_tokens=True)
+            if config.tokenizer is None and vocab_size < config.vocab_size:
+                logger.warning(
+                    "tokenizer ran out of merges: vocab_size %d < requested %d (corpus too small)",
+                    vocab_size,
+                    config.vocab_size,
+                )
+            if config.tokenizer is not None and vocab_size != config.vocab_size:
+                logger.warning(
+                    "using the given tokenizer's vocab_size %d instead of vocab_size=%d",
+                    vocab_size,
+                    config.vocab_size,
+                )
+            specials = special_token_ids(tok)
+            eos_id, pad_id = specials[EOS_TOKEN], specials[PAD_TOKEN]
+
+            num_actors = config.num_actors
+            cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
+            if 0 < cluster_cpus < num_actors:  # each actor takes one CPU; more would wait forever
+                logger.warning(
+                    "num_actors=%d exceeds the cluster's %d CPUs; using %d tokenizer actors",
+                    num_actors,
+                    cluster_cpus,
+                    cluster_cpus,
+                )
+                num_actors = cluster_cpus
+            packed = docs.map_batches(
+                TokenizeAndPack,
+                fn_constructor_args=(str(tok_path),),
+                fn_constructor_kwargs={
+                    "row_len": row_len,
+                    "eos_id": eos_id,
+                    "pad_id": pad_id,
+                    "threshold": threshold,
+                },
+                batch_size=config.docs_per_batch,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=num_actors),
+            )
+            out = _gather_numpy(packed, ["tokens", "n_valid", "split"])
+
+        tokens_total = int(out["n_valid"].sum())
+        splits, dropped = {}, 0
+        for name, code in SPLIT_CODES.items():
+            sel = out["split"] == code
+            rows = out["tokens"][sel].reshape(-1, row_len).astype(np.int32, copy=False)
+            rows, split_dropped = pack.stitch_tails(rows, out["n_valid"][sel])
+            dropped += split_dropped
+            rows = pack.shuffle_rows(rows, config.seed, stream=code)
+            splits[name] = _write_split(rows, out_dir=tmp, split=name, shard_rows=config.shard_rows)
+        if splits["train"].rows == 0:
+            raise ValueError(
+                f"the training documents hold {tokens_total} tokens, fewer than one row of seq_len + 1 = "
+                f"{row_len}; use a larger corpus or a smaller seq_len"
+            )
+        if n_val and splits["val"].rows == 0:
+            logger.warning(
+                "the %d validation document(s) fill no row of %d tokens: the val split is empty",
+                n_val,
+                row_len,
+            )
+
+        manifest = Manifest(
+            seq_len=config.seq_len,
+            row_len=row_len,
+            seed=config.seed,
+            source=SourceInfo(corpus=config.corpus, documents=n_docs, characters=characters),
+            tokenizer=TokenizerInfo(
+                path=TOKENIZER_NAME,
+                sha256=tokenizer_sha256(tok_path),
+                vocab_size=vocab_size,
+                eos_id=eos_id,
+                pad_id=pad_id,
+                special_tokens=specials,
+            ),
+            splits=splits,
+            documents=DocumentCounts(train=n_train, val=n_val),
+            dropped_tokens=dropped,
+        )
+        manifest.save(tmp)
+        manifest.verify(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    seconds = time.perf_counter() - t0
+    summary: dict[str, Any] = {
+        "out_dir": str(out_dir),
+        "corpus": config.corpus,
+        "documents": n_docs,
+        "train_documents": n_train,
+        "val_documents": n_val,
+        "characters": characters,
+        "vocab_size": vocab_size,
+        "train_rows": splits["train"].rows,
+        "val_rows": splits["val"].rows,
+        "tokens": tokens_total,
+        "packed_tokens": splits["train"].tokens + splits["val"].tokens,
+        "dropped_tokens": dropped,
+        "train_shards": len(splits["train"].shards),
+        "val_shards": len(splits["val"].shards),
+        "shards": len(splits["train"].shards) + len(splits["val"].shards),
+        "seconds": seconds,
+        "tokens_per_s": tokens_total / seconds if seconds > 0 else 0.0,
+    }
+    if progress:
+        _print_summary(summary)
+    return summary
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished temp folder to `out_dir`, replacing an existing one only after success."""
+    old = None
+    if out_dir.exists():
+        if any(out_dir.iterdir()):
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out_dir, old)
+        else:
+            out_dir.rmdir()
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

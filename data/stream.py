@@ -1,0 +1,212 @@
+"""Deterministic, resumable streaming of packed shards into Ray Train workers.
+
+Ray Data has no mid-epoch resumable iterator, so the order of training rows is fixed by a *plan*
+that is a pure function of (shards, world size, seed) and the data position is one integer:
+``rows_consumed``, the number of rows each rank has consumed so far (equal on every rank, because
+every rank consumes ``micro_batch_size * grad_accum_steps`` rows per optimizer step).
+
+The plan for epoch ``e``:
+
+1. the train shards are permuted with ``np.random.default_rng([seed, e])``;
+2. their rows, concatenated in that order (rows inside a shard were already shuffled by
+   ``rpt data prepare``), form the epoch's stream of ``N`` rows;
+3. rank ``r`` takes the contiguous range ``[r*E, (r+1)*E)`` of the stream, ``E = N // world_size``
+   (the ``N mod world_size`` tail rows of an epoch are not used in that epoch).
+
+Rank ``r``'s stream is its epoch-0 range, then its epoch-1 range, ... A run that starts at
+``rows_consumed = k`` reads rank ``r``'s stream from position ``k``; the driver builds exactly that
+dataset (whole shards dropped, the first shard filtered by row id), so a resumed run neither
+repeats nor skips rows. A worker restarted inside the same ``fit()`` gets the fit's original
+iterator back and skips the rows it had already committed (it knows them from the checkpoint).
+The worker checks every batch's row ids against the plan, so any deviation fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str  # absolute
+    rows: int
+    row_id_start: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[lo, hi)`` (global row ids) of one shard, read in stored order."""
+
+    epoch: int
+    shard: int
+    lo: int
+    hi: int
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """What a checkpoint stores about the data: enough to continue with the next unseen row."""
+
+    rows_consumed: int  # per rank
+    world_size: int
+    seed: int
+    epoch_rows: int  # rows per rank per epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.rows_consumed // self.epoch_rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "epoch": self.epoch}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataPosition:
+        return cls(
+            rows_consumed=int(d["rows_consumed"]),
+            world_size=int(d["world_size"]),
+            seed=int(d["seed"]),
+            epoch_rows=int(d["epoch_rows"]),
+        )
+
+
+def load_shards(prepared_dir: str | Path, split: str) -> list[Shard]:
+    """The shards of ``split`` from ``manifest.json`` (absolute paths)."""
+    root = Path(prepared_dir).resolve()
+    manifest = json.loads((root / "manifest.json").read_text())
+    return [
+        Shard(path=str(root / s["path"]), rows=int(s["rows"]), row_id_start=int(s["row_id_start"]))
+        for s in manifest["splits"][split]["shards"]
+    ]
+
+
+def epoch_rows(shards: list[Shard], world_size: int) -> int:
+    """Rows each rank consumes per epoch."""
+    return sum(s.rows for s in shards) // world_size
+
+
+def epoch_order(n_shards: int, seed: int, epoch: int) -> np.ndarray:
+    """Seeded shard permutation of one epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(n_shards)
+
+
+def rank_pieces(shards: list[Shard], *, world_size: int, rank: int, seed: int, start: int, count: int) -> list[Piece]:
+    """Rank ``rank``'s stream positions ``[start, start + count)`` as shard pieces, in order."""
+    per_rank = epoch_rows(shards, world_size)
+    if per_rank == 0:
+        raise ValueError(
+            f"{sum(s.rows for s in shards)} training rows cannot feed {world_size} workers; "
+            "prepare a larger corpus or use fewer workers (trainer.num_workers)"
+        )
+    pieces: list[Piece] = []
+    pos, end = start, start + count
+    while pos < end:
+        epoch, off = divmod(pos, per_rank)
+        take = min(end - pos, per_rank - off)
+        # the rank's range inside this epoch's concatenated stream
+        lo_s, hi_s = rank * per_rank + off, rank * per_rank + off + take
+        cursor = 0
+        for idx in epoch_order(len(shards), seed, epoch):
+            sh = shards[idx]
+            a, b = max(lo_s, cursor), min(hi_s, cursor + sh.rows)
+            if a < b:
+                pieces.append(Piece(epoch, int(idx), sh.row_id_start + a - cursor, sh.row_id_start + b - cursor))
+            cursor += sh.rows
+            if cursor >= hi_s:
+                break
+        pos += take
+    return pieces
+
+
+def pieces_row_ids(pieces: list[Piece]) -> np.ndarray:
+    """The row ids a rank reads, in order (a loop over pieces, not rows)."""
+    if not pieces:
+        return np.empty(0, dtype=np.int64)
+    return np.concatenate([np.arange(p.lo, p.hi, dtype=np.int64) for p in pieces])
+
+
+def build_rank_dataset(shards: list[Shard], pieces: list[Piece], columns: list[str] | None = None):
+    """A Ray Dataset that yields exactly ``pieces`` in order (one read per epoch, filtered by row id)."""
+    import ray.data
+
+    columns = columns or ["tokens", "row_id"]
+    by_epoch: dict[int, list[Piece]] = {}
+    for p in pieces:
+        by_epoch.setdefault(p.epoch, []).append(p)
+    parts = []
+    for epoch in sorted(by_epoch):
+        eps = by_epoch[epoch]
+        paths = [shards[p.shard].path for p in eps]
+        ds = ray.data.read_parquet(paths, columns=columns, shuffle=None)
+        partial = [(p.lo, p.hi) for p in eps if p.rows != shards[p.shard].rows]
+        if partial:
+            ds = ds.map_batches(_RangeFilter(eps), batch_format="numpy", batch_size=None, zero_copy_batch=True)
+        parts.append(ds)
+    out = parts[0]
+    return out.union(*parts[1:]) if len(parts) > 1 else out
+
+
+class _RangeFilter:
+    """Keep rows whose row id falls in one of the pieces (vectorised; a loop over pieces only)."""
+
+    def __init__(self, pieces: list[Piece]):
+        self.ranges = np.array([(p.lo, p.hi) for p in pieces], dtype=np.int64)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = batch["row_id"]
+        keep = np.zeros(len(ids), dtype=bool)
+        for lo, hi in self.ranges:
+            keep |= (ids >= lo) & (ids < hi)
+        return {k: v[keep] for k, v in batch.items()}
+
+
+def _planned_data_config_base():
+    import ray.train
+
+    return ray.train.DataConfig
+
+
+class PlannedDataConfig(_planned_data_config_base()):
+    """A Ray Train ``DataConfig`` that hands rank ``r`` its planned stream as the ``train`` shard.
+
+    ``get_dataset_shard("train").iter_torch_batches(...)`` in the worker then yields the plan's
+    rows in order. Other datasets (``val``) are given whole to every rank. Order preservation is
+    switched on: the plan is only worth something if Ray Data keeps it.
+    """
+
+    def __init__(self, shards: list[Shard], *, world_size: int, seed: int, start: int, count: int):
+        super().__init__(datasets_to_split=["train"])
+        self.shards, self.world_size, self.seed, self.start, self.count = shards, world_size, seed, start, count
+
+    def _options(self, name: str):
+        opts = self._resolve_execution_options(name)
+        opts.preserve_order = True
+        return opts
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        if world_size != self.world_size:
+            raise ValueError(f"plan made for {self.world_size} workers, Ray started {world_size}")
+        out: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            if name == "train":
+                for r in range(world_size):
+                    pieces = rank_pieces(
+                        self.shards, world_size=world_size, rank=r, seed=self.seed, start=self.start, count=self.count
+                    )
+                    rds = build_rank_dataset(self.shards, pieces)
+                    rds.context.execution_options = self._options(name)
+                    out[r][name] = rds.iterator()
+            else:
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._options(name)
+                for r in range(world_size):
+                    out[r][name] = ds.iterator()
+        return out

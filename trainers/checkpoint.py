@@ -1,0 +1,85 @@
+"""Checkpoint layout and the train state saved with it.
+
+One checkpoint folder (one ``ray.train.report``) holds:
+
+- ``ds/``: DeepSpeed engine state, one file set per rank (module, optimizer shards, LR scheduler);
+- ``train_state.json``: step, tokens seen, data position, schedule name + parameters, config, MLflow run;
+- ``model.safetensors`` + ``model_config.json`` + ``tokenizer.json``: consolidated weights for export
+  and the model registry (written by rank 0).
+
+Each rank writes into its own temporary folder; Ray merges them in ``storage_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DS_TAG = "ds"
+TRAIN_STATE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    data_position: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, TRAIN_STATE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TrainState:
+        path = Path(directory, TRAIN_STATE)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {directory} is not a ray-pretrain checkpoint")
+        return cls(**json.loads(path.read_text()))
+
+
+def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Full weights on rank 0 (None elsewhere). Collective under ZeRO-3: every rank must call it."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    if engine.global_rank != 0:
+        return None
+    return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def save_checkpoint(
+    engine, directory: str | Path, *, state: TrainState, zero_stage: int, model_cfg, tokenizer_path: str | None
+) -> None:
+    """Write this rank's part of a checkpoint into ``directory`` (all ranks call it)."""
+    from models.io import save_pretrained
+
+    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"step": state.step})
+    full = consolidated_state_dict(engine, zero_stage)
+    if engine.global_rank == 0:
+        state.save(directory)
+        module = engine.module
+        if zero_stage == 3:  # parameters are partitioned: rebuild a plain module for export
+            import models
+
+            module = models.build(model_cfg)
+            module.load_state_dict({k: v.float() for k, v in full.items()})
+        save_pretrained(module, model_cfg, directory)
+        if tokenizer_path:
+            shutil.copy(tokenizer_path, Path(directory, "tokenizer.json"))
+
+
+def load_checkpoint(engine, directory: str | Path) -> TrainState:
+    """Restore engine (module, optimizer, LR scheduler) and return the train state."""
+    _, client = engine.load_checkpoint(str(directory), tag=DS_TAG)
+    state = TrainState.load(directory)
+    if client is None or client.get("step") != state.step:
+        raise RuntimeError(f"checkpoint {directory}: DeepSpeed state and {TRAIN_STATE} disagree on the step")
+    return state

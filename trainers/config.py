@@ -1,0 +1,157 @@
+"""Typed configuration of one training run: the contract between the YAML file, the driver and the workers.
+
+The driver parses and validates it (``cluster.config.load_config``); the worker's first line turns the
+plain dict Ray hands it back into :class:`RunConfig` (``RunConfig.model_validate``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from models import ModelConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSpec(_Strict):
+    """Where the prepared (tokenised, packed) shards are, and how to build them if they are missing."""
+
+    path: str = Field(description="folder written by `rpt data prepare` (holds manifest.json)")
+    prepare: dict[str, Any] | None = Field(
+        None, description="settings for `rpt data prepare` (corpus, seq_len, vocab_size, ...); out_dir is `path`"
+    )
+    eval_rows: int = Field(256, ge=1, description="validation rows evaluated at every eval (split over ranks)")
+    verify_shards: bool = Field(True, description="check every shard's Parquet footer on the driver before Ray starts")
+
+    @model_validator(mode="after")
+    def _check_prepare(self) -> DataSpec:
+        self.prepare_config()  # fail on the driver, naming the field
+        return self
+
+    def prepare_config(self, **overrides: Any):
+        """The :class:`data.prepare.PrepareConfig` that builds ``path`` (None when ``prepare`` is unset)."""
+        if self.prepare is None:
+            return None
+        from data.prepare import PrepareConfig
+
+        if "out_dir" in self.prepare:
+            raise ValueError("data.prepare.out_dir is not allowed: the output folder is data.path")
+        return PrepareConfig(**{**self.prepare, **overrides, "out_dir": self.path})
+
+
+class NamedParams(BaseModel):
+    """A family member chosen by name with its parameters as sibling keys (``{name: cosine, warmup_steps: 10}``)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ObjectiveSpec(NamedParams):
+    name: str = "causal_lm"
+
+
+class ScheduleSpec(NamedParams):
+    name: str = "cosine"
+
+
+class OptimizerSpec(_Strict):
+    """AdamW (Loshchilov & Hutter, arXiv 1711.05101)."""
+
+    lr_peak: float = Field(3e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+
+
+class TrainerSpec(_Strict):
+    """The worker-side loop, the DeepSpeed engine and the Ray Train scaling."""
+
+    engine: Literal["deepspeed"] = "deepspeed"
+    num_workers: int = Field(2, ge=1, le=4096)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    max_steps: int = Field(300, ge=1, description="optimizer steps of this run (global, across resumes)")
+    micro_batch_size: int = Field(16, ge=1, description="rows per rank per forward pass")
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0.0, description="global gradient-norm clip; 0 disables")
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=0, description="Ray Train restarts of the worker group after a failure")
+    peak_tflops: float | None = Field(
+        None, gt=0.0, description="per-worker peak for MFU; None: a GPU table, or a measured fp32 matmul on CPU"
+    )
+    init_from: str | None = Field(None, description="weights only, from a checkpoint folder (continual start)")
+    audit_dir: str | None = Field(None, description="write the row ids of every committed step here (tests)")
+    fail_at_step: int | None = Field(None, ge=1, description="fault injection: rank 1 raises once at this step")
+    data_loader_prefetch: int = Field(2, ge=0)
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows one rank consumes per optimizer step."""
+        return self.micro_batch_size * self.grad_accum_steps
+
+
+class TrackingSpec(_Strict):
+    tracking_uri: str = Field("sqlite:///mlruns.db", description="MLflow tracking URI; env MLFLOW_TRACKING_URI wins")
+    experiment: str = "ray-pretrain"
+    artifact_root: str = Field("mlartifacts", description="artifact location for new experiments (path or URI)")
+    registered_model: str | None = Field(None, description="MLflow registry name; None: the run name")
+    alias: str = Field(
+        "current",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="registry alias set on the new version ('latest' is reserved by MLflow: use models:/NAME/latest)",
+    )
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v.lower() == "latest" or v.lower().startswith("v") and v[1:].isdigit():
+            raise ValueError(f"alias {v!r} is reserved by MLflow (latest, v<N>); choose another, e.g. 'current'")
+        return v
+
+
+class RunConfig(_Strict):
+    """One YAML file = one run."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name (Ray run folder, MLflow run)")
+    seed: int = 0
+    storage_path: str = Field("results", description="Ray Train storage: checkpoints and run folders")
+    data: DataSpec
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="after")
+    def _check_families(self) -> RunConfig:
+        # Validate the named families here so a bad name/parameter fails on the driver.
+        import objectives
+        from trainers import schedules
+
+        objectives.get(self.objective.name, **self.objective.params)
+        schedules.get(self.schedule.name, **self.schedule_params())
+        return self
+
+    def schedule_params(self) -> dict[str, Any]:
+        """Schedule parameters, with ``total_steps`` defaulting to ``trainer.max_steps`` where the schedule has one."""
+        from trainers import schedules
+
+        params = self.schedule.params
+        fields = schedules.params_model(self.schedule.name).model_fields
+        if "total_steps" in fields and "total_steps" not in params:
+            params["total_steps"] = self.trainer.max_steps
+        return params

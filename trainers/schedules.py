@@ -1,0 +1,795 @@
+"""Learning-rate schedules: pure multipliers of the peak LR, chosen by name from a small registry.
+
+A schedule is a frozen dataclass ``f`` with ``f(step) -> float``: the multiplier of the peak LR at the
+0-based global optimizer step. Its parameters are bound at build time, so it pickles (Ray ships it to
+the workers), it can be wrapped in ``torch.optim.lr_scheduler.LambdaLR`` as is, and only the step has to
+be checkpointed. No torch here: this module is pure Python + ``math`` (+ pydantic for the parameters).
+
+Schedules (formulas in ``shared/REFERENCES.md`` section 1; t = step, W = warmup, T = total_steps):
+
+- ``constant``: linear warmup, then 1.
+- ``linear``: linear warmup, then linear decay to ``min_ratio`` at T.
+- ``cosine``: linear warmup, then cosine decay to ``min_ratio`` at T (Loshchilov & Hutter, SGDR,
+  arXiv 1608.03983), flat at ``min_ratio`` after T.
+- ``cosine_rewarm``: one warmup + cosine cycle per task (the re-warming baseline of continual
+  pre-training; SGDR's warm restarts, arXiv 1608.03983).
+- ``wsd``: warmup-stable-decay (MiniCPM, arXiv 2404.06395; Hägele et al. 2024, arXiv 2405.18392).
+- ``infinite``: warmup, cooldown, constant, exponential anneal (Ibrahim et al. 2024, arXiv 2403.08763;
+  compared with repeated cosine in "Beyond Cosine Decay", arXiv 2503.02844).
+
+Usage::
+
+    from trainers import schedules
+    f = schedules.get("cosine", warmup_steps=100, total_steps=1000, min_ratio=0.1)
+    LambdaLR(optimizer, f)
+
+Conventions shared by every schedule:
+
+- Warmup: ``f(t) = t / W`` for ``t < W``, so ``f(0) = 0`` and ``f(W) = 1``; ``W = 0`` starts at 1.
+- Phases are given in steps (``warmup_steps``) or as a fraction of a budget (``warmup_frac``), exactly
+  one of the two. Fractions are *phase lengths* (not end points) and are resolved at validation time
+  to ``round_half_up(frac * budget)`` steps, so the bound function only sees integers and
+  ``describe()`` records steps (its output can be fed back to ``get``).
+- Every phase is a half-open interval ``[start, end)`` of steps; by continuity the value at ``end`` is
+  the next phase's starting value.
+"""
+
+import bisect
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Any, Literal, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+logger = logging.getLogger(__name__)
+
+Phase = tuple[str, int, int]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Schedule(Protocol):
+    """What the training loop relies on: a pure multiplier of the peak LR, plus plotting helpers."""
+
+    def __call__(self, step: int) -> float: ...
+
+    def phases(self) -> list[Phase]: ...
+
+    def task_boundaries(self) -> list[int]: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+
+
+class _Params(BaseModel):
+    """Base of every schedule's parameters: unknown fields are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    params: type[_Params]
+    schedule: type
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_S = TypeVar("_S", bound=type)
+
+
+def register(name: str, params: type[_Params]) -> Callable[[_S], _S]:
+    """Class decorator: register a schedule class under ``name`` with its params model.
+
+    The class must provide ``from_params(p)`` (a classmethod building it from validated params),
+    ``__call__(step)``, ``phases()`` and ``task_boundaries()``. A duplicate name raises ValueError.
+    """
+
+    def wrap(cls: _S) -> _S:
+        if name in _REGISTRY:
+            raise ValueError(
+                f"schedule {name!r} is already registered (by {_REGISTRY[name].schedule.__qualname__}); "
+                f"cannot register {cls.__qualname__} under the same name"
+            )
+        _REGISTRY[name] = _Entry(params=params, schedule=cls)
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Names of the registered schedules, in registration order."""
+    return list(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown schedule {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def params_model(name: str) -> type[BaseModel]:
+    """The pydantic params model of schedule ``name`` (the config layer validates YAML with it)."""
+    return _entry(name).params
+
+
+def _format_error(name: str, model: type[BaseModel], exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parts.append(
+                f"unknown field {loc!r} (= {err['input']!r}); allowed fields: {', '.join(model.model_fields)}"
+            )
+        elif err["type"] == "missing":
+            parts.append(f"missing required field {loc!r}")
+        elif loc:
+            parts.append(f"field {loc!r} = {err['input']!r}: {msg}")
+        else:  # cross-field check from a model validator: its message names the fields
+            parts.append(msg)
+    return f"schedule {name!r}: " + "; ".join(parts)
+
+
+def validate(name: str, **params: Any) -> BaseModel:
+    """Validate ``params`` for schedule ``name``; fractions come back resolved to steps.
+
+    Raises ValueError naming the schedule, the field, the value and what is allowed.
+    """
+    model = params_model(name)
+    try:
+        return model(**params)
+    except ValidationError as exc:
+        raise ValueError(_format_error(name, model, exc)) from None
+
+
+def get(name: str, **params: Any) -> Schedule:
+    """Build schedule ``name`` with validated parameters: a picklable ``f(step) -> float``."""
+    return _entry(name).schedule.from_params(validate(name, **params))
+
+
+def describe(name: str, **params: Any) -> dict[str, Any]:
+    """``{"name": ..., "params": {...}}`` with validated, step-resolved params (JSON-serialisable).
+
+    ``get(d["name"], **d["params"])`` rebuilds the same schedule.
+    """
+    p = validate(name, **params)
+    return {"name": name, "params": p.model_dump(mode="json", exclude_none=True)}
+
+
+def phases(name: str, **params: Any) -> list[Phase]:
+    """Named phases ``(phase, start, end)`` (half-open step ranges, empty ones left out), for plotting."""
+    return get(name, **params).phases()
+
+
+def task_boundaries(name: str, **params: Any) -> list[int]:
+    """Steps where tasks begin (cumulative sums of ``task_steps``, starting at 0); [] without tasks."""
+    return get(name, **params).task_boundaries()
+
+
+def evaluate(f: Callable[[int], float], steps: range | int) -> list[float]:
+    """``[f(t) for t in steps]``; an int ``n`` means ``range(n)``."""
+    if isinstance(steps, int):
+        if steps < 0:
+            raise ValueError(f"evaluate: steps={steps} must be >= 0 (or a range)")
+        steps = range(steps)
+    return [f(t) for t in steps]
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared by the params models and the schedules
+
+
+def _round_steps(x: float) -> int:
+    """Round half up (Python's round() rounds half to even, which surprises in a config)."""
+    return int(math.floor(x + 0.5))
+
+
+def _resolve_phase(p: BaseModel, phase: str, budget: int | None, budget_name: str) -> None:
+    """Set ``<phase>_steps`` from exactly one of ``<phase>_steps`` / ``<phase>_frac`` (then frac = None)."""
+    steps_f, frac_f = f"{phase}_steps", f"{phase}_frac"
+    steps, frac = getattr(p, steps_f), getattr(p, frac_f)
+    if steps is not None and frac is not None:
+        raise ValueError(f"{steps_f}={steps} and {frac_f}={frac} are both set; give exactly one of them")
+    if steps is None and frac is None:
+        raise ValueError(f"missing {steps_f}: give {steps_f} (steps) or {frac_f} (fraction of {budget_name})")
+    if frac is not None:
+        if budget is None:
+            raise ValueError(
+                f"{frac_f}={frac} needs {budget_name} to resolve into steps; set it or give {steps_f}"
+            )
+        setattr(p, steps_f, _round_steps(frac * budget))
+        setattr(p, frac_f, None)
+
+
+def _check_warmup(warmup_steps: int, total_steps: int) -> None:
+    if warmup_steps >= total_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} must be < total_steps={total_steps} (the schedule needs steps after warmup)"
+        )
+
+
+def _check_step(step: int) -> None:
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0 (0-based global optimizer step)")
+
+
+def _nonempty(*ps: Phase) -> list[Phase]:
+    return [p for p in ps if p[2] > p[1]]
+
+
+def _cumulative_starts(task_steps: Iterable[int]) -> list[int]:
+    starts, s = [], 0
+    for n in task_steps:
+        starts.append(s)
+        s += n
+    return starts
+
+
+def _cosine(x: float, r: float) -> float:
+    """Half-cosine from 1 (x=0) to r (x=1)."""
+    return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * x))
+
+
+_STEPS_DOC = "steps (give this or the matching *_frac)"
+_FRAC_DOC = "fraction of the budget (give this or the matching *_steps)"
+
+
+class _ScheduleBase:
+    """Defaults: build from the params fields of the same name; no tasks."""
+
+    @classmethod
+    def from_params(cls, p: BaseModel):
+        return cls(**{f.name: getattr(p, f.name) for f in fields(cls) if f.init})
+
+    def task_boundaries(self) -> list[int]:
+        return []
+
+
+# --------------------------------------------------------------------------------------------------
+# constant
+
+
+class ConstantParams(_Params):
+    """Linear warmup, then the peak LR forever."""
+
+    warmup_steps: int | None = Field(None, ge=0, description=f"warmup length in {_STEPS_DOC}")
+    warmup_frac: float | None = Field(
+        None, ge=0.0, le=1.0, description=f"warmup length as {_FRAC_DOC} total_steps"
+    )
+    total_steps: int | None = Field(
+        None, gt=0, description="optional: the budget warmup_frac refers to, and the end of phases()"
+    )
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        _resolve_phase(self, "warmup", self.total_steps, "total_steps")
+        if self.total_steps is not None:
+            _check_warmup(self.warmup_steps, self.total_steps)
+        return self
+
+
+@register("constant", ConstantParams)
+@dataclass(frozen=True)
+class ConstantSchedule(_ScheduleBase):
+    """f(t) = t/W for t < W, else 1."""
+
+    warmup_steps: int
+    total_steps: int | None = None
+
+    def __call__(self, step: int) -> float:
+        _check_step(step)
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        return 1.0
+
+    def phases(self) -> list[Phase]:
+        """Warmup, then constant up to total_steps (an open-ended constant phase is left out)."""
+        w = self.warmup_steps
+        end = self.total_steps if self.total_steps is not None else w
+        return _nonempty(("warmup", 0, w), ("constant", w, end))
+
+
+# --------------------------------------------------------------------------------------------------
+# linear
+
+
+class LinearParams(_Params):
+    """Linear warmup, then linear decay from 1 to min_ratio at total_steps."""
+
+    warmup_steps: int | None = Field(None, ge=0, description=f"warmup length in {_STEPS_DOC}")
+    warmup_frac: float | None = Field(
+        None, ge=0.0, le=1.0, description=f"warmup length as {_FRAC_DOC} total_steps"
+    )
+    total_steps: int = Field(gt=0, description="T: planned optimizer steps; f = min_ratio from T on")
+    min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="floor as a fraction of the peak LR")
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        _resolve_phase(self, "warmup", self.total_steps, "total_steps")
+        _check_warmup(self.warmup_steps, self.total_steps)
+        return self
+
+
+@register("linear", LinearParams)
+@dataclass(frozen=True)
+class LinearSchedule(_ScheduleBase):
+    """t < W: t/W; W <= t < T: 1 - (1-r)(t-W)/(T-W); t >= T: r."""
+
+    warmup_steps: int
+    total_steps: int
+    min_ratio: float
+
+    def __call__(self, step: int) -> float:
+        _check_step(step)
+        w, t_end, r = self.warmup_steps, self.total_steps, self.min_ratio
+        if step < w:
+            return step / w
+        if step >= t_end:
+            return r
+        return 1.0 - (1.0 - r) * (step - w) / (t_end - w)
+
+    def phases(self) -> list[Phase]:
+        w = self.warmup_steps
+        return _nonempty(("warmup", 0, w), ("decay", w, self.total_steps))
+
+
+# --------------------------------------------------------------------------------------------------
+# cosine
+
+
+class CosineParams(_Params):
+    """Linear warmup, then cosine decay from 1 to min_ratio at total_steps (SGDR, arXiv 1608.03983)."""
+
+    warmup_steps: int | None = Field(None, ge=0, description=f"warmup length in {_STEPS_DOC}")
+    warmup_frac: float | None = Field(
+        None, ge=0.0, le=1.0, description=f"warmup length as {_FRAC_DOC} total_steps"
+    )
+    total_steps: int = Field(gt=0, description="T: planned optimizer steps; f = min_ratio from T on")
+    min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="eta_min / eta_max, the floor of the cosine")
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        _resolve_phase(self, "warmup", self.total_steps, "total_steps")
+        _check_warmup(self.warmup_steps, self.total_steps)
+        return self
+
+
+@register("cosine", CosineParams)
+@dataclass(frozen=True)
+class CosineSchedule(_ScheduleBase):
+    """Cosine with warmup (Loshchilov & Hutter, SGDR, arXiv 1608.03983, without restarts).
+
+    t < W: t/W; W <= t < T: r + (1-r)/2 (1 + cos(pi (t-W)/(T-W))); t >= T: r.
+    """
+
+    warmup_steps: int
+    total_steps: int
+    min_ratio: float
+
+    def __call__(self, step: int) -> float:
+        _check_step(step)
+        w, t_end, r = self.warmup_steps, self.total_steps, self.min_ratio
+        if step < w:
+            return step / w
+        if step >= t_end:
+            return r
+        return _cosine((step - w) / (t_end - w), r)
+
+    def phases(self) -> list[Phase]:
+        w = self.warmup_steps
+        return _nonempty(("warmup", 0, w), ("decay", w, self.total_steps))
+
+
+# --------------------------------------------------------------------------------------------------
+# cosine_rewarm
+
+
+class CosineRewarmParams(_Params):
+    """Repeated cosine over tasks, re-warming at every task boundary (continual pre-training baseline)."""
+
+    task_steps: list[PositiveInt] = Field(min_length=1, description="optimizer steps of each task, in order")
+    warmup_steps: int | list[int] | None = Field(
+        None,
+        description="re-warm length: one value for every task, or one per task (give this or warmup_frac)",
+    )
+    warmup_frac: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="re-warm length as a fraction of each task's own length (per-task steps)",
+    )
+    min_ratio: float = Field(
+        0.0, ge=0.0, le=1.0, description="floor of each cosine and start of each re-warm"
+    )
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        n = len(self.task_steps)
+        if self.warmup_steps is not None and self.warmup_frac is not None:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} and warmup_frac={self.warmup_frac} are both set; "
+                "give exactly one of them"
+            )
+        if self.warmup_steps is None and self.warmup_frac is None:
+            raise ValueError(
+                "missing warmup_steps: give warmup_steps (steps, one or one per task) "
+                "or warmup_frac (fraction of each task's length)"
+            )
+        if self.warmup_frac is not None:
+            self.warmup_steps = [_round_steps(self.warmup_frac * i) for i in self.task_steps]
+            self.warmup_frac = None
+        if isinstance(self.warmup_steps, list) and len(self.warmup_steps) != n:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} has {len(self.warmup_steps)} entries but task_steps has {n}; "
+                "give one value per task or a single int"
+            )
+        per_task = self.warmup_steps if isinstance(self.warmup_steps, list) else [self.warmup_steps] * n
+        for k, (w, i) in enumerate(zip(per_task, self.task_steps, strict=True)):
+            if w < 0:
+                raise ValueError(f"warmup_steps={w} (task {k}) must be >= 0")
+            if w >= i:
+                raise ValueError(
+                    f"warmup_steps={w} must be < task_steps[{k}]={i} (each task needs steps after its re-warm)"
+                )
+        return self
+
+
+@register("cosine_rewarm", CosineRewarmParams)
+@dataclass(frozen=True)
+class CosineRewarmSchedule(_ScheduleBase):
+    """One warmup + cosine cycle per task: the re-warming baseline (SGDR warm restarts, arXiv 1608.03983;
+    the baseline that the infinite schedule improves on, arXiv 2403.08763 / 2503.02844).
+
+    In task k (starts at B_k, length I_k, re-warm W_k), tau = t - B_k, s = 0 for the first task and
+    min_ratio r for later ones: tau < W_k: s + (1-s) tau/W_k; else r + (1-r)/2 (1 + cos(pi (tau-W_k)/(I_k-W_k))).
+    After the last task: r. Re-warming is what causes forgetting.
+    """
+
+    task_steps: tuple[int, ...]
+    warmup_steps: tuple[int, ...]
+    min_ratio: float
+    _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_starts", tuple(_cumulative_starts(self.task_steps)))
+
+    @classmethod
+    def from_params(cls, p: CosineRewarmParams):
+        w = p.warmup_steps
+        per_task = tuple(w) if isinstance(w, list) else (w,) * len(p.task_steps)
+        return cls(task_steps=tuple(p.task_steps), warmup_steps=per_task, min_ratio=p.min_ratio)
+
+    def __call__(self, step: int) -> float:
+        _check_step(step)
+        r = self.min_ratio
+        if step >= self._starts[-1] + self.task_steps[-1]:
+            return r
+        k = bisect.bisect_right(self._starts, step) - 1
+        tau, length, w = step - self._starts[k], self.task_steps[k], self.warmup_steps[k]
+        if tau < w:
+            s = 0.0 if k == 0 else r
+            return s + (1.0 - s) * tau / w
+        return _cosine((tau - w) / (length - w), r)
+
+    def phases(self) -> list[Phase]:
+        out: list[Phase] = []
+        for k, (b, i, w) in enumerate(zip(self._starts, self.task_steps, self.warmup_steps, strict=True)):
+            out += _nonempty((f"task{k}:warmup", b, b + w), (f"task{k}:decay", b + w, b + i))
+        return out
+
+    def task_boundaries(self) -> list[int]:
+        return list(self._starts)
+
+
+# --------------------------------------------------------------------------------------------------
+# wsd
+
+DecayShape = Literal["linear", "1-sqrt", "cosine", "exponential"]
+
+
+class WSDParams(_Params):
+    """Warmup-stable-decay (MiniCPM, arXiv 2404.06395; Hägele et al. 2024, arXiv 2405.18392)."""
+
+    warmup_steps: int | None = Field(None, ge=0, description=f"warmup length in {_STEPS_DOC}")
+    warmup_frac: float | None = Field(
+        None, ge=0.0, le=1.0, description=f"warmup length as {_FRAC_DOC} total_steps"
+    )
+    total_steps: int = Field(gt=0, description="T: the decay ends here; f = min_ratio from T on")
+    decay_steps: int | None = Field(
+        None, gt=0, description=f"D, decay length in {_STEPS_DOC}; 10-20% of T is usual"
+    )
+    decay_frac: float | None = Field(None, gt=0.0, le=1.0, description=f"D as {_FRAC_DOC} total_steps")
+    decay_shape: DecayShape = Field(
+        "1-sqrt", description="linear | 1-sqrt (best in Hägele et al.) | cosine | exponential (MiniCPM)"
+    )
+    min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="r = eta_min / eta_max reached at total_steps")
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        _resolve_phase(self, "warmup", self.total_steps, "total_steps")
+        _resolve_phase(self, "decay", self.total_steps, "total_steps")
+        _check_warmup(self.warmup_steps, self.total_steps)
+        if self.decay_steps < 1:
+            raise ValueError(
+                f"decay_steps={self.decay_steps} must be >= 1 (decay_frac too small for total_steps?)"
+            )
+        if self.warmup_steps + self.decay_steps > self.total_steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} + decay_steps={self.decay_steps} must be <= "
+                f"total_steps={self.total_steps} (the decay starts after warmup)"
+            )
+        if self.decay_shape == "exponential" and self.min_ratio <= 0.0:
+            raise ValueError(
+                f"min_ratio={self.min_ratio} must be > 0 with decay_shape='exponential' (r^x needs r > 0)"
+            )
+        return self
+
+
+def _wsd_decay(shape: str, x: float, r: float) -> float:
+    if shape == "linear":
+        return 1.0 - (1.0 - r) * x
+    if shape == "1-sqrt":
+        return r + (1.0 - r) * (1.0 - math.sqrt(x))
+    if shape == "cosine":
+        return _cosine(x, r)
+    if shape == "exponential":
+        return r**x
+    raise AssertionError(f"unvalidated decay_shape {shape!r}")
+
+
+@register("wsd", WSDParams)
+@dataclass(frozen=True)
+class WSDSchedule(_ScheduleBase):
+    """Warmup-stable-decay (MiniCPM, arXiv 2404.06395; Hägele et al. 2024, arXiv 2405.18392).
+
+    S = T - D, x = (t - S)/D: t < W: t/W; W <= t < S: 1; S <= t < T: decay(x) with
+    linear 1-(1-r)x, 1-sqrt r+(1-r)(1-sqrt x), cosine r+(1-r)/2 (1+cos pi x), exponential r^x; t >= T: r.
+    """
+
+    warmup_steps: int
+    total_steps: int
+    decay_steps: int
+    decay_shape: str
+    min_ratio: float
+
+    def __call__(self, step: int) -> float:
+        _check_step(step)
+        w, t_end, r = self.warmup_steps, self.total_steps, self.min_ratio
+        if step < w:
+            return step / w
+        if step >= t_end:
+            return r
+        s = t_end - self.decay_steps
+        if step < s:
+            return 1.0
+        return _wsd_decay(self.decay_shape, (step - s) / self.decay_steps, r)
+
+    def phases(self) -> list[Phase]:
+        w, t_end = self.warmup_steps, self.total_steps
+        s = t_end - self.decay_steps
+        return _nonempty(("warmup", 0, w), ("stable", w, s), ("decay", s, t_end))
+
+
+# --------------------------------------------------------------------------------------------------
+# infinite
+
+CooldownShape = Literal["cosine", "inv_sqrt", "linear"]
+
+
+class InfiniteParams(_Params):
+    """Infinite schedule (Ibrahim et al. 2024, arXiv 2403.08763; "Beyond Cosine Decay", arXiv 2503.02844).
+
+    Budget for the ``*_frac`` fields: ``total_steps``, else ``sum(task_steps)``. If neither
+    ``constant_steps`` nor ``constant_frac`` is given, the constant phase is derived: with ``task_steps``,
+    ``constant_steps = sum(task_steps) - W - C`` (the tasks end with the constant phase; the anneal is a
+    branch after them); otherwise with ``total_steps``, ``constant_steps = total_steps - W - C - A`` (the
+    anneal ends at the budget). Defaults of the ratios are the authors' LM values
+    (eta_const = 1.65e-4, eta_min = 3e-5 for eta_max = 3e-4).
+    """
+
+    warmup_steps: int | None = Field(
+        None, ge=0, description=f"W, warmup length in {_STEPS_DOC}; once for all tasks"
+    )
+    warmup_frac: float | None = Field(None, ge=0.0, le=1.0, description=f"W as {_FRAC_DOC}")
+    cooldown_steps: int | None = Field(
+        None, ge=0, description=f"C, cooldown length 1 -> const_ratio, {_STEPS_DOC}"
+    )
+    cooldown_frac: float | None = Field(None, ge=0.0, le=1.0, description=f"C as {_FRAC_DOC}")
+    constant_steps: int | None = Field(
+        None, ge=0, description="length of the constant phase (K = C + constant_steps); derived if omitted"
+    )
+    constant_frac: float | None = Field(None, ge=0.0, le=1.0, description=f"constant_steps as {_FRAC_DOC}")
+    anneal_steps: int | None = Field(
+        None,
+        ge=0,
+        description="A, exponential anneal length; 0 = constant forever (anneal later, as a branch)",
+    )
+    anneal_frac: float | None = Field(None, ge=0.0, le=1.0, description=f"A as {_FRAC_DOC}")
+    const_ratio: float = Field(0.55, gt=0.0, le=1.0, description="eta_const / eta_max of the constant phase")
+    min_ratio: float = Field(0.1, ge=0.0, le=1.0, description="eta_min / eta_max at the end of the anneal")
+    cooldown_shape: CooldownShape = Field("cosine", description="cosine | inv_sqrt | linear")
+    inv_sqrt_alpha: float = Field(
+        10.0, gt=0.0, description="alpha of h(x) = 1/sqrt(1 + alpha x) - 1 (inv_sqrt)"
+    )
+    total_steps: int | None = Field(None, gt=0, description="optional budget for the *_frac fields")
+    task_steps: list[PositiveInt] | None = Field(
+        None,
+        min_length=1,
+        description="optional steps per task: boundaries/plots only, the function ignores them",
+    )
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        if self.total_steps is not None:
+            budget, budget_name = self.total_steps, "total_steps"
+        elif self.task_steps is not None:
+            budget, budget_name = sum(self.task_steps), "total_steps (or task_steps)"
+        else:
+            budget, budget_name = None, "total_steps (or task_steps)"
+        for phase in ("warmup", "cooldown", "anneal"):
+            _resolve_phase(self, phase, budget, budget_name)
+        w, c, a = self.warmup_steps, self.cooldown_steps, self.anneal_steps
+        if self.constant_steps is None and self.constant_frac is None:
+            if self.task_steps is not None:
+                derived, how = sum(self.task_steps) - w - c, f"sum(task_steps)={sum(self.task_steps)} - W - C"
+            elif self.total_steps is not None:
+                derived, how = self.total_steps - w - c - a, f"total_steps={self.total_steps} - W - C - A"
+            else:
+                raise ValueError(
+                    "missing constant_steps: give constant_steps or constant_frac, "
+                    "or task_steps / total_steps to derive it from"
+                )
+            if derived < 0:
+                raise ValueError(
+                    f"constant_steps derived as {how} = {derived} < 0 (warmup_steps={w}, cooldown_steps={c}, "
+                    f"anneal_steps={a}); shorten the phases or give constant_steps"
+                )
+            logger.info("infinite schedule: constant_steps derived as %s = %d", how, derived)
+            self.constant_steps = derived
+        else:
+            _resolve_phase(self, "constant", budget, budget_name)
+        if self.min_ratio > self.const_ratio:
+            raise ValueError(
+                f"min_ratio={self.min_ratio} must be <= const_ratio={self.const_ratio} (the anneal goes down)"
+            )
+        if a > 0 and self.min_ratio <= 0.0:
+            raise ValueError(
+                f"min_ratio={self.min_ratio} must be > 0 when anneal_steps={a} > 0 "
+                "(the anneal is exponential, const_ratio * (min_ratio/const_ratio)^x)"
+            )
+        if self.total_steps is not None:
+            _check_warmup(w, self.total_steps)
+            end = w + c + self.constant_steps + a
+            if end > self.total_steps:
+                # Legitimate (the run stops early; the anneal is run later as a branch) but worth saying.
+                logger.warning(
+                    "infinite schedule: phases end at step %d, after total_steps=%d; the run stops before",
+                    end,
+                    self.total_steps,
+                )
+        return self
+
+
+@register("infinite", InfiniteParams)
+@dataclass(frozen=True)
+class InfiniteSchedule(_ScheduleBase):
+    """Infinite schedule (Ibrahim et al. 2024, arXiv 2403.08763; "Beyond Cosine Decay", arXiv 2503.02844).
+
+    u = t - W, K = C + constant_steps, c = const_ratio, r = min_ratio:
+    t < W: t/W (once for the whole task sequence); 0 <= u < C: cooldown 1 - (1-c) g(u/C) with
+    g = (1 - cos pi x)/2 (cosine), h(x)/h(1), h(x) = 1/sqrt(1+alpha x) - 1 (inv_sqrt), or x (linear);
+    C <= u <= K: c; K < u < K+A: c (r/c)^((u-K)/A); u >= K+A: r. With A = 0 it stays at c forever.
+    """
+
+    warmup_steps: int
+    cooldown_steps: int
+    constant_steps: int
+    anneal_steps: int
+    const_ratio: float
+    min_ratio: float
+    cooldown_shape: str
+    inv_sqrt_alpha: float
+    total_steps: int | None = None
+    task_steps: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_params(cls, p: InfiniteParams):
+        kw = {f.name: getattr(p, f.name) for f in fields(cls)}
+        kw["task_steps"] = tuple(p.task_steps) if p.task_steps is not None else None
+        return cls(**kw)
+
+    def _cooldown(self, x: float) -> float:
+        c = self.const_ratio
+        if self.cooldown_shape == "cosine":
+            g = 0.5 * (1.0 - math.cos(math.pi * x))
+        elif self.cooldown_shape == "linear":
+            g = x
+        elif self.cooldown_shape == "inv_sqrt":
+            alpha = self.inv_sqrt_alpha
+
+            def h(v: float) -> float:
+                return 1.0 / math.sqrt(1.0 + alpha * v) - 1.0
+
+            g = h(x) / h(1.0)
+        else:
+            raise AssertionError(f"unvalidated cooldown_shape {self.cooldown_shape!r}")
+        return 1.0 - (1.0 - c) * g
+
+    def __call__(self, step: int) -> float:
+        _check_step(step)
+        w, cd, a = self.warmup_steps, self.cooldown_steps, self.anneal_steps
+        c, r = self.const_ratio, self.min_ratio
+        if step < w:
+            return step / w
+        u = step - w
+        if u < cd:
+            return self._cooldown(u / cd)
+        k = cd + self.constant_steps
+        if a == 0 or u <= k:
+            return c
+        if u >= k + a:
+            return r
+        return max(r, c * (r / c) ** ((u - k) / a))
+
+    def phases(self) -> list[Phase]:
+        """warmup, cooldown, constant, anneal, then 'floor' up to total_steps if it lies beyond.
+
+        With anneal_steps = 0 the constant phase is open-ended; it is reported up to the later of
+        W + K and the horizon (total_steps, else the end of the tasks).
+        """
+        w, cd, a = self.warmup_steps, self.cooldown_steps, self.anneal_steps
+        k_end = w + cd + self.constant_steps
+        horizon = self.total_steps
+        if horizon is None and self.task_steps is not None:
+            horizon = sum(self.task_steps)
+        if a == 0:
+            return _nonempty(
+                ("warmup", 0, w), ("cooldown", w, w + cd), ("constant", w + cd, max(k_end, horizon or 0))
+            )
+        out = _nonempty(
+            ("warmup", 0, w),
+            ("cooldown", w, w + cd),
+            ("constant", w + cd, k_end),
+            ("anneal", k_end, k_end + a),
+        )
+        if horizon is not None:
+            out += _nonempty(("floor", k_end + a, horizon))
+        return out
+
+    def task_boundaries(self) -> list[int]:
+        return _cumulative_starts(self.task_steps) if self.task_steps is not None else []
+
+
+def anneal_branch(params: dict[str, Any], start_step: int, anneal_steps: int) -> dict[str, Any]:
+    """Params of an infinite schedule whose anneal begins exactly at ``start_step``.
+
+    Ibrahim et al. (arXiv 2403.08763): the main line trains on at const_ratio; to release a model, a
+    branch resumed from a constant-phase checkpoint anneals for ``anneal_steps``. The returned schedule
+    equals the original for every t <= start_step (so the branch resumes seamlessly), and
+    f(start_step) = const_ratio, f(start_step + anneal_steps) = min_ratio. Fractions come back resolved
+    to steps and ``total_steps`` is set to ``start_step + anneal_steps``.
+
+    ``start_step`` must lie in the constant phase [W + C, W + K] (open-ended when the original
+    anneal_steps is 0); otherwise ValueError saying where the constant phase is.
+    """
+    p = validate("infinite", **params)
+    if anneal_steps < 1:
+        raise ValueError(f"anneal_branch: anneal_steps={anneal_steps} must be >= 1")
+    lo = p.warmup_steps + p.cooldown_steps
+    hi = lo + p.constant_steps if p.anneal_steps > 0 else None
+    if start_step < lo or (hi is not None and start_step > hi):
+        where = f"[{lo}, {hi}]" if hi is not None else f"[{lo}, inf)"
+        raise ValueError(
+            f"anneal_branch: start_step={start_step} is outside the constant phase, steps {where} "
+            f"(warmup_steps={p.warmup_steps}, cooldown_steps={p.cooldown_steps}, "
+            f"constant_steps={p.constant_steps}, anneal_steps={p.anneal_steps}); "
+            "branch from a checkpoint taken in the constant phase"
+        )
+    out = p.model_dump(mode="json", exclude_none=True)
+    out.update(
+        constant_steps=start_step - lo, anneal_steps=anneal_steps, total_steps=start_step + anneal_steps
+    )
+    validate("infinite", **out)  # e.g. min_ratio must be > 0 now that there is an anneal
+    return out
