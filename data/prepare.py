@@ -17,6 +17,10 @@ Scale: step 4 holds the packed rows of the corpus in driver memory (4 bytes per 
 shuffle), e.g. ~8 GB for 1 B tokens. Larger corpora should be prepared in parts (one output folder per
 part, combined as a mixture by the reader), which also keeps each preparation restartable.
 
+Determinism: the same corpus, seed and settings (seq_len, vocab_size, val_fraction, docs_per_batch, ...)
+give a byte-identical tokenizer and identical shards whatever `num_actors` is: Ray Data runs with
+`preserve_order`, the split hashes document contents, and the shuffle is a seeded permutation.
+
 Everything is written to a temporary sibling folder and renamed to `out_dir` at the end, so a failure
 leaves no half-written dataset behind.
 """
@@ -30,6 +34,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,7 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.data import DataContext
+from tokenizers import Tokenizer
 
 from data import pack
 from data.corpus import BUILTIN_CORPORA, BUILTIN_PREFIX, read_corpus, resolve_corpus
@@ -89,7 +95,9 @@ class PrepareConfig(BaseModel):
     tokenizer_train_chars: int = Field(
         50_000_000, ge=1, description="characters of training documents sampled to train the tokenizer"
     )
-    docs_per_batch: int = Field(256, ge=1, description="documents per tokenize/pack batch (map_batches)")
+    docs_per_batch: int = Field(
+        256, ge=1, description="documents per tokenize/pack batch; with the seed it fixes the packed rows"
+    )
     num_actors: int = Field(2, ge=1, description="tokenizer actors (map_batches concurrency)")
 
     @field_validator("corpus")
@@ -206,9 +214,9 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _gather_numpy(ds: ray.data.Dataset, columns: list[str]) -> dict[str, np.ndarray]:
-    """Columns of a dataset concatenated on the driver, in block order."""
-    if list(ds.columns()) != columns:
+def _gather_numpy(ds: ray.data.Dataset, columns: list[str], *, select: bool = True) -> dict[str, np.ndarray]:
+    """Columns of a dataset concatenated on the driver, in block order (one execution of `ds`)."""
+    if select:
         ds = ds.select_columns(columns)
     parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -268,13 +276,133 @@ def _print_summary(summary: dict[str, Any]) -> None:
     Console().print(table)
 
 
+# ---- pipeline steps -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DocStats:
+    documents: int
+    val_documents: int
+    characters: int
+    train_characters: int
+    threshold: float  # a document is in val iff u_split < threshold
+
+    @property
+    def train_documents(self) -> int:
+        return self.documents - self.val_documents
+
+
+def _split_documents(docs: ray.data.Dataset, config: PrepareConfig) -> _DocStats:
+    stats = _gather_numpy(docs, ["chars", "u_split"])
+    n_docs = len(stats["chars"])
+    if n_docs == 0:
+        raise ValueError(f"corpus {config.corpus!r} holds no documents")
+    threshold = pack.val_threshold(stats["u_split"], config.val_fraction)
+    is_val = stats["u_split"] < threshold
+    result = _DocStats(
+        documents=n_docs,
+        val_documents=int(is_val.sum()),
+        characters=int(stats["chars"].sum()),
+        train_characters=int(stats["chars"][~is_val].sum()),
+        threshold=threshold,
+    )
+    if result.train_documents == 0:
+        raise ValueError(
+            f"corpus {config.corpus!r} has {n_docs} document(s), none left for training after holding "
+            f"out val_fraction={config.val_fraction}; add documents or lower val_fraction"
+        )
+    return result
+
+
+def _build_tokenizer(
+    docs: ray.data.Dataset, stats: _DocStats, config: PrepareConfig, tok_path: Path, *, progress: bool
+) -> Tokenizer:
+    """Copy the given tokenizer, or train one on a seeded sample of the training documents."""
+    if config.tokenizer is not None:
+        tok = load_tokenizer(config.tokenizer)
+        missing = [t for t in config.special_tokens if t not in special_token_ids(tok)]
+        if missing:
+            raise ValueError(
+                f"special_tokens {missing} are not special tokens of tokenizer {str(config.tokenizer)!r}"
+            )
+        shutil.copyfile(config.tokenizer, tok_path)
+        if tok.get_vocab_size() != config.vocab_size:
+            logger.warning(
+                "using the given tokenizer's vocab_size %d instead of vocab_size=%d",
+                tok.get_vocab_size(),
+                config.vocab_size,
+            )
+        return tok
+    sample_fraction = min(1.0, config.tokenizer_train_chars / max(stats.train_characters, 1))
+    texts = _tokenizer_texts(docs, stats.threshold, sample_fraction)
+    tok = train_tokenizer(texts, config.vocab_size, config.special_tokens, show_progress=progress)
+    tok.save(str(tok_path))
+    if tok.get_vocab_size() < config.vocab_size:
+        logger.warning(
+            "the tokenizer ran out of merges: vocab_size %d < requested %d (small corpus)",
+            tok.get_vocab_size(),
+            config.vocab_size,
+        )
+    return tok
+
+
+def _tokenize_and_pack(
+    docs: ray.data.Dataset, tok_path: Path, specials: dict[str, int], threshold: float, config: PrepareConfig
+) -> dict[str, np.ndarray]:
+    """Run `TokenizeAndPack` on an actor pool; returns the gathered `tokens`, `n_valid`, `split`."""
+    num_actors = config.num_actors
+    cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
+    if 0 < cluster_cpus < num_actors:  # each actor takes one CPU; more would wait forever
+        logger.warning(
+            "num_actors=%d exceeds the cluster's %d CPUs; using %d", num_actors, cluster_cpus, cluster_cpus
+        )
+        num_actors = cluster_cpus
+    packed = docs.map_batches(
+        TokenizeAndPack,
+        fn_constructor_args=(str(tok_path),),
+        fn_constructor_kwargs={
+            "row_len": config.seq_len + 1,
+            "eos_id": specials[EOS_TOKEN],
+            "pad_id": specials[PAD_TOKEN],
+            "threshold": threshold,
+        },
+        batch_size=config.docs_per_batch,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+    )
+    return _gather_numpy(packed, ["tokens", "n_valid", "split"], select=False)
+
+
+def _write_splits(
+    out: dict[str, np.ndarray], config: PrepareConfig, tmp: Path
+) -> tuple[dict[str, SplitInfo], int]:
+    """Stitch tails, shuffle and write each split's shards; returns the split infos and dropped tokens."""
+    row_len = config.seq_len + 1
+    splits, dropped = {}, 0
+    for name, code in SPLIT_CODES.items():
+        sel = out["split"] == code
+        rows = out["tokens"][sel].reshape(-1, row_len).astype(np.int32, copy=False)
+        rows, split_dropped = pack.stitch_tails(rows, out["n_valid"][sel])
+        dropped += split_dropped
+        rows = pack.shuffle_rows(rows, config.seed, stream=code)
+        splits[name] = _write_split(rows, out_dir=tmp, split=name, shard_rows=config.shard_rows)
+    if splits["train"].rows == 0:
+        train_tokens = int(out["n_valid"][out["split"] == SPLIT_CODES["train"]].sum())
+        raise ValueError(
+            f"the training documents hold {train_tokens} tokens, fewer than one row of seq_len + 1 = "
+            f"{row_len}; use a larger corpus or a smaller seq_len"
+        )
+    return splits, dropped
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
 
 def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     """Prepare `config.corpus` into `config.out_dir`; returns a summary dict (and prints it if `progress`).
 
-    Uses the current Ray instance (Ray Data starts a local one if none is running). Summary keys:
+    Uses the current Ray instance (Ray Data starts a local one if none is running). `progress` turns
+    Ray Data's progress bars, the tokenizer trainer's bar and the summary table on or off. Summary keys:
     out_dir, corpus, documents, train_documents, val_documents, characters, vocab_size, train_rows,
     val_rows, tokens (all tokens incl. one EOS per document), packed_tokens, dropped_tokens, shards,
     train_shards, val_shards, seconds, tokens_per_s.
@@ -284,13 +412,13 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     _check_out_dir(out_dir, config.overwrite)
     source = resolve_corpus(config.corpus, max_documents=config.max_documents)  # path errors before Ray work
     if config.tokenizer is not None:
-        given_tokenizer = load_tokenizer(config.tokenizer)
-    row_len = config.seq_len + 1
+        load_tokenizer(config.tokenizer)  # fail fast on a bad tokenizer file
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        tok_path = tmp / TOKENIZER_NAME
         with _data_context(progress):
             docs = (
                 read_corpus(source, text_column=config.text_column, max_documents=config.max_documents)
@@ -299,110 +427,34 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 )
                 .materialize()
             )
-            stats = _gather_numpy(docs, ["chars", "u_split"])
-            n_docs = len(stats["chars"])
-            threshold = pack.val_threshold(stats["u_split"], config.val_fraction)
-            is_val = stats["u_split"] < threshold
-            n_val = int(is_val.sum())
-            n_train = n_docs - n_val
-            if n_train == 0:
-                raise ValueError(
-                    f"corpus {config.corpus!r} has {n_docs} document(s), none left for training after "
-                    f"holding out val_fraction={config.val_fraction}; add documents or lower val_fraction"
-                )
-            characters = int(stats["chars"].sum())
-            train_chars = int(stats["chars"][~is_val].sum())
-
-            tok_path = tmp / TOKENIZER_NAME
-            if config.tokenizer is not None:
-                shutil.copyfile(config.tokenizer, tok_path)
-                tok = given_tokenizer
-            else:
-                sample_fraction = min(1.0, config.tokenizer_train_chars / max(train_chars, 1))
-                tok = train_tokenizer(
-                    _tokenizer_texts(docs, threshold, sample_fraction),
-                    config.vocab_size,
-                    config.special_tokens,
-                    show_progress=progress,
-                )
-                tok.save(str(tok_path))
-            vocab_size = tok.get_vocab_size(with_added_tokens=True)
-            if config.tokenizer is None and vocab_size < config.vocab_size:
-                logger.warning(
-                    "tokenizer ran out of merges: vocab_size %d < requested %d (corpus too small)",
-                    vocab_size,
-                    config.vocab_size,
-                )
-            if config.tokenizer is not None and vocab_size != config.vocab_size:
-                logger.warning(
-                    "using the given tokenizer's vocab_size %d instead of vocab_size=%d",
-                    vocab_size,
-                    config.vocab_size,
-                )
+            stats = _split_documents(docs, config)
+            tok = _build_tokenizer(docs, stats, config, tok_path, progress=progress)
             specials = special_token_ids(tok)
-            eos_id, pad_id = specials[EOS_TOKEN], specials[PAD_TOKEN]
-
-            num_actors = config.num_actors
-            cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
-            if 0 < cluster_cpus < num_actors:  # each actor takes one CPU; more would wait forever
-                logger.warning(
-                    "num_actors=%d exceeds the cluster's %d CPUs; using %d tokenizer actors",
-                    num_actors,
-                    cluster_cpus,
-                    cluster_cpus,
-                )
-                num_actors = cluster_cpus
-            packed = docs.map_batches(
-                TokenizeAndPack,
-                fn_constructor_args=(str(tok_path),),
-                fn_constructor_kwargs={
-                    "row_len": row_len,
-                    "eos_id": eos_id,
-                    "pad_id": pad_id,
-                    "threshold": threshold,
-                },
-                batch_size=config.docs_per_batch,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=num_actors),
-            )
-            out = _gather_numpy(packed, ["tokens", "n_valid", "split"])
-
-        tokens_total = int(out["n_valid"].sum())
-        splits, dropped = {}, 0
-        for name, code in SPLIT_CODES.items():
-            sel = out["split"] == code
-            rows = out["tokens"][sel].reshape(-1, row_len).astype(np.int32, copy=False)
-            rows, split_dropped = pack.stitch_tails(rows, out["n_valid"][sel])
-            dropped += split_dropped
-            rows = pack.shuffle_rows(rows, config.seed, stream=code)
-            splits[name] = _write_split(rows, out_dir=tmp, split=name, shard_rows=config.shard_rows)
-        if splits["train"].rows == 0:
-            raise ValueError(
-                f"the training documents hold {tokens_total} tokens, fewer than one row of seq_len + 1 = "
-                f"{row_len}; use a larger corpus or a smaller seq_len"
-            )
-        if n_val and splits["val"].rows == 0:
+            out = _tokenize_and_pack(docs, tok_path, specials, stats.threshold, config)
+            del docs  # release the materialized documents from the object store
+        splits, dropped = _write_splits(out, config, tmp)
+        if stats.val_documents and splits["val"].rows == 0:
             logger.warning(
                 "the %d validation document(s) fill no row of %d tokens: the val split is empty",
-                n_val,
-                row_len,
+                stats.val_documents,
+                config.seq_len + 1,
             )
-
+        vocab_size = tok.get_vocab_size(with_added_tokens=True)
         manifest = Manifest(
             seq_len=config.seq_len,
-            row_len=row_len,
+            row_len=config.seq_len + 1,
             seed=config.seed,
-            source=SourceInfo(corpus=config.corpus, documents=n_docs, characters=characters),
+            source=SourceInfo(corpus=config.corpus, documents=stats.documents, characters=stats.characters),
             tokenizer=TokenizerInfo(
                 path=TOKENIZER_NAME,
                 sha256=tokenizer_sha256(tok_path),
                 vocab_size=vocab_size,
-                eos_id=eos_id,
-                pad_id=pad_id,
+                eos_id=specials[EOS_TOKEN],
+                pad_id=specials[PAD_TOKEN],
                 special_tokens=specials,
             ),
             splits=splits,
-            documents=DocumentCounts(train=n_train, val=n_val),
+            documents=DocumentCounts(train=stats.train_documents, val=stats.val_documents),
             dropped_tokens=dropped,
         )
         manifest.save(tmp)
@@ -413,13 +465,14 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         raise
 
     seconds = time.perf_counter() - t0
+    tokens_total = int(out["n_valid"].sum())
     summary: dict[str, Any] = {
         "out_dir": str(out_dir),
         "corpus": config.corpus,
-        "documents": n_docs,
-        "train_documents": n_train,
-        "val_documents": n_val,
-        "characters": characters,
+        "documents": stats.documents,
+        "train_documents": stats.train_documents,
+        "val_documents": stats.val_documents,
+        "characters": stats.characters,
         "vocab_size": vocab_size,
         "train_rows": splits["train"].rows,
         "val_rows": splits["val"].rows,

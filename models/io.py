@@ -31,10 +31,9 @@ def save_pretrained(
     """Write ``model``'s weights and its fully resolved ``cfg`` into ``directory`` (created if missing).
 
     ``model`` is a :class:`DecoderLM` (whose ``cfg`` must equal ``cfg``) or its state dict (e.g. one
-    consolidated from ZeRO-3 shards). With
-    tied embeddings only ``tok_emb.weight`` is stored (safetensors refuses shared tensors). The keys
-    must be exactly those of ``DecoderLM(cfg)``, so a wrapper's ``module.`` prefix fails here rather than
-    at load time. Returns the directory.
+    consolidated from ZeRO-3 shards). With tied embeddings only ``tok_emb.weight`` is stored
+    (safetensors refuses shared tensors). The keys must be exactly those of ``DecoderLM(cfg)``, so a
+    wrapper's ``module.`` prefix fails here rather than at load time. Returns the directory.
     """
     if not isinstance(cfg, ResolvedModelConfig):
         raise TypeError(f"cfg must be the model's ResolvedModelConfig (model.cfg), not {type(cfg).__name__}")

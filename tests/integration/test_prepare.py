@@ -20,9 +20,9 @@ from tokenizers import Tokenizer
 
 from data.manifest import Manifest
 from data.prepare import PrepareConfig, prepare
-from data.tokenizer import EOS_TOKEN, tokenizer_sha256
+from data.tokenizer import EOS_TOKEN, tokenizer_sha256, train_tokenizer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 SEQ_LEN = 32
 ROW_LEN = SEQ_LEN + 1
@@ -78,14 +78,37 @@ def corpora(tmp_path_factory) -> dict:
     jsonl = root / "docs.jsonl"
     records = [{"id": i, "content": _document(100 + i, rng)} for i in range(30)]
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return {"root": root, "folder": folder, "texts": texts, "jsonl": jsonl,
-            "jsonl_texts": {100 + r["id"]: r["content"] for r in records}}  # fmt: skip
+    parquet = root / "parquet"
+    parquet.mkdir()
+    for part in range(2):
+        docs = [_document(200 + 10 * part + i, rng) for i in range(10)]
+        pq.write_table(pa.table({"text": docs, "n": list(range(10))}), parquet / f"part-{part}.parquet")
+    return {
+        "parquet": parquet,
+        "root": root,
+        "folder": folder,
+        "texts": texts,
+        "jsonl": jsonl,
+        "jsonl_texts": {100 + r["id"]: r["content"] for r in records},
+    }
 
 
 def _config(corpus, out_dir, **over) -> PrepareConfig:
-    kw = dict(corpus=str(corpus), out_dir=out_dir, seq_len=SEQ_LEN, vocab_size=400, val_fraction=0.2,
-              shard_rows=64, seed=3, tokenizer=None, text_column="text", max_documents=None,
-              special_tokens=[], num_actors=1, docs_per_batch=8)  # fmt: skip
+    kw = dict(
+        corpus=str(corpus),
+        out_dir=out_dir,
+        seq_len=SEQ_LEN,
+        vocab_size=400,
+        val_fraction=0.2,
+        shard_rows=64,
+        seed=3,
+        tokenizer=None,
+        text_column="text",
+        max_documents=None,
+        special_tokens=[],
+        num_actors=1,
+        docs_per_batch=8,
+    )
     kw.update(over)
     return PrepareConfig(**kw)
 
@@ -162,7 +185,9 @@ def test_folder_corpus_end_to_end_and_deterministic(ray_local, corpora, tmp_path
     out = tmp_path / "folder"
     summary = prepare(_config(corpora["folder"], out), progress=False)
     assert summary["documents"] == 40 and summary["out_dir"] == str(out.absolute())
-    assert summary["tokens_per_s"] > 0 and summary["shards"] == summary["train_shards"] + summary["val_shards"]
+    assert (
+        summary["tokens_per_s"] > 0 and summary["shards"] == summary["train_shards"] + summary["val_shards"]
+    )
     _check_prepared(out, summary, corpora["texts"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]  # no temp folder left behind
 
@@ -195,8 +220,9 @@ def test_folder_corpus_end_to_end_and_deterministic(ray_local, corpora, tmp_path
 
 def test_jsonl_corpus(ray_local, corpora, tmp_path):
     out = tmp_path / "jsonl"
-    summary = prepare(_config(corpora["jsonl"], out, text_column="content", special_tokens=["<|sep|>"]),
-                      progress=False)  # fmt: skip
+    summary = prepare(
+        _config(corpora["jsonl"], out, text_column="content", special_tokens=["<|sep|>"]), progress=False
+    )
     manifest = _check_prepared(out, summary, corpora["jsonl_texts"])
     assert manifest.tokenizer.special_tokens == {"<|eos|>": 0, "<|pad|>": 1, "<|sep|>": 2}
     assert manifest.source.corpus == str(corpora["jsonl"])
@@ -228,6 +254,18 @@ def test_bad_inputs_name_the_cause(ray_local, corpora, tmp_path):
         prepare(_config(corpora["folder"], existing), progress=False)
     assert (existing / "keep.txt").read_text() == "user data"
 
+    with pytest.raises(FileNotFoundError, match=r"missing\.json"):
+        prepare(
+            _config(corpora["folder"], tmp_path / "o4", tokenizer=tmp_path / "missing.json"), progress=False
+        )
+    given = tmp_path / "given.json"
+    train_tokenizer(iter(corpora["texts"].values()), 300, []).save(str(given))
+    with pytest.raises(ValueError, match=r"special_tokens \['<\|sep\|>'\] are not special tokens"):
+        prepare(
+            _config(corpora["folder"], tmp_path / "o4", tokenizer=given, special_tokens=["<|sep|>"]),
+            progress=False,
+        )
+    assert not (tmp_path / "o4").exists()
     with pytest.raises(ValidationError, match="builtin:nope"):
         _config("builtin:nope", tmp_path / "o3")
     with pytest.raises(ValidationError, match="seq_len"):
@@ -240,12 +278,14 @@ def test_overwrite_and_corrupt_shard(ray_local, corpora, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    prepare(_config(corpora["folder"], out, overwrite=True, max_documents=10, val_fraction=0.0),
-            progress=False)  # fmt: skip
+    prepare(
+        _config(corpora["parquet"], out, overwrite=True, max_documents=15, val_fraction=0.0), progress=False
+    )
     assert not (out / "stale.txt").exists()
     manifest = Manifest.load(out)
     assert manifest.documents.val == 0 and manifest.splits["val"].rows == 0
-    assert manifest.source.documents == 10
+    assert manifest.source.documents == 15  # the first 15 rows of the Parquet folder
+    assert manifest.source.corpus == str(corpora["parquet"])
 
     shard = out / manifest.splits["train"].shards[0].path
     shard.write_bytes(b"not parquet")

@@ -62,7 +62,9 @@ def test_two_worker_zero2_run_tracks_checkpoints_and_registers(ray_session, debu
         assert [m.step for m in hist] == [5, 10, 15, 20], key
     assert all(m.value > 0 for m in client.get_metric_history(out.mlflow_run_id, "perf/tokens_per_s"))
     arts = {a.path for a in client.list_artifacts(out.mlflow_run_id)}
-    assert {"config.yaml", "data", "model"} <= arts
+    assert {"config.yaml", "data"} <= arts
+    mv = client.get_model_version_by_alias(out.model_name, "current")
+    assert int(mv.version) == out.model_version and mv.run_id == out.mlflow_run_id
     logged = client.download_artifacts(out.mlflow_run_id, "config.yaml", str(tmp_path))
     assert "max_steps: 20" in Path(logged).read_text()
 

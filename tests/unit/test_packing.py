@@ -81,7 +81,9 @@ def test_every_token_is_kept_or_counted_as_dropped():
     total = sum(len(d) + 1 for d in docs)
     batches = [docs[i : i + 7] for i in range(0, len(docs), 7)]
     outs = [pack.rows_with_tail(pack.pack_documents(b, row_len=16, eos_id=0), pad_id=1) for b in batches]
-    rows, dropped = pack.stitch_tails(np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
+    rows, dropped = pack.stitch_tails(
+        np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+    )
     assert rows.shape[1] == 16
     assert rows.size + dropped == total
     assert 0 <= dropped < 16
@@ -188,8 +190,13 @@ def _manifest(**over) -> dict:
         "row_len": 4,
         "seed": 0,
         "source": {"corpus": "x", "documents": 3, "characters": 10},
-        "tokenizer": {"sha256": "0" * 64, "vocab_size": 300, "eos_id": 0, "pad_id": 1,
-                      "special_tokens": {EOS_TOKEN: 0, PAD_TOKEN: 1}},  # fmt: skip
+        "tokenizer": {
+            "sha256": "0" * 64,
+            "vocab_size": 300,
+            "eos_id": 0,
+            "pad_id": 1,
+            "special_tokens": {EOS_TOKEN: 0, PAD_TOKEN: 1},
+        },
         "splits": {"train": _split([2, 1], 4), "val": _split([], 4)},
         "documents": {"train": 2, "val": 1},
         "dropped_tokens": 0,
