@@ -148,6 +148,48 @@ def generate(
     console.print(prompt + tok.decode(out[0, ids.shape[1]:].tolist()), highlight=False, markup=False)
 
 
+@app.command()
+def anneal(
+    source: str = typer.Argument(..., help="checkpoint folder, or a registered model NAME@ALIAS / models:/..."),
+    steps: int = typer.Option(..., min=1, help="anneal length in optimizer steps"),
+    overrides: list[str] | None = OVERRIDES,
+    alias: str = typer.Option("annealed", help="registry alias of the annealed version"),
+    address: str | None = typer.Option(None),
+    tracking_uri: str | None = typer.Option(None),
+) -> None:
+    """Branch off an infinite-schedule checkpoint: anneal to the minimum LR for STEPS steps into a new run.
+
+    The source checkpoint is only read: the main line can continue at the constant LR."""
+    from cluster.anneal import run_anneal
+    from cluster.config import ConfigError
+    from cluster.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri)
+    try:
+        out = run_anneal(source, steps=steps, overrides=overrides or [], alias=alias, tracking_uri=uri, address=address)
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(e)
+    console.print(f"[bold green]annealed[/] run [bold]{out.run_name}[/]  val/loss {out.metrics.get('val/loss', float('nan')):.4f}")
+    console.print(f"model: models:/{out.model_name}/{out.model_version}  (alias @{alias})")
+
+
+@schedules_app.command("plot")
+def schedules_plot(
+    configs: list[str] = typer.Argument(..., help="one or more run configs"),
+    out: str = typer.Option("lr.png", help="PNG to write"),
+    override: list[str] | None = typer.Option(None, "--set", help="dotted override applied to every config"),
+) -> None:
+    """Draw the LR of one or more configs over steps, marking phases and task boundaries."""
+    from cluster.config import ConfigError
+    from cluster.plots import plot_lr_from_configs
+
+    try:
+        path = plot_lr_from_configs(configs, out, override or [])
+    except (ConfigError, ValueError) as e:
+        _fail(e)
+    console.print(f"wrote {path}")
+
+
 @schedules_app.command("list")
 def schedules_list() -> None:
     """The registered schedule names."""

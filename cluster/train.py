@@ -105,6 +105,19 @@ def _flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _log_lr_plot(client, run_id: str, cfg: RunConfig) -> None:
+    """The run's planned LR curve (phases and task boundaries marked) as an MLflow artifact."""
+    import tempfile
+
+    from cluster.plots import plot_lr
+
+    curve = {"label": cfg.name, "name": cfg.schedule.name, "params": cfg.schedule_params(),
+             "lr_peak": cfg.optimizer.lr_peak, "steps": cfg.trainer.max_steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_lr([curve], Path(tmp, "lr_schedule.png"), title=f"{cfg.name}: {cfg.schedule.name}")
+        client.log_artifact(run_id, str(path))
+
+
 def run_train(
     cfg: RunConfig,
     *,
@@ -144,6 +157,16 @@ def run_train(
             start_rows, start_step, run_id = st.data_position["rows_consumed"], st.step, st.mlflow_run_id
         if (run_dir / RUN_FILE).is_file():
             run_id = json.loads((run_dir / RUN_FILE).read_text())["mlflow_run_id"]
+    elif t.resume_from:
+        st = TrainState.load(t.resume_from)
+        start_rows, start_step = st.data_position["rows_consumed"], st.step
+        if st.data_position["world_size"] != t.num_workers:
+            raise ConfigError(
+                f"trainer.resume_from={t.resume_from!r} was written by {st.data_position['world_size']} workers; "
+                f"set trainer.num_workers={st.data_position['world_size']} (the data position is per rank)"
+            )
+        if start_step >= t.max_steps:
+            raise ConfigError(f"trainer.max_steps={t.max_steps} but trainer.resume_from is already at step {start_step}")
 
     # --- tracking ---------------------------------------------------------------------------
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
@@ -154,11 +177,17 @@ def run_train(
         client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in _flat_params(cfg.model_dump(mode="json")).items()])
         client.log_text(run_id, dump_config(cfg), "config.yaml")
         client.log_text(run_id, data.manifest.model_dump_json(indent=2), "data/manifest.json")
+        if t.resume_from:
+            client.set_tag(run_id, "rpt.resume_from", str(Path(t.resume_from).resolve()))
+        _log_lr_plot(client, run_id, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
 
     # --- Ray ----------------------------------------------------------------------------------
     init_ray(address, cpus_needed=t.num_workers * t.cpus_per_worker, dashboard=dashboard)
+    # One progress bar per rank stream and per epoch is noise in a training log; Ray Data's own
+    # progress stays on the dashboard.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     shards = load_shards(cfg.data.path, "train")
     count = (t.max_steps - start_step) * t.rows_per_step
     fit = {

@@ -93,6 +93,11 @@ class TrainerSpec(_Strict):
         None, gt=0.0, description="per-worker peak for MFU; None: a GPU table, or a measured fp32 matmul on CPU"
     )
     init_from: str | None = Field(None, description="weights only, from a checkpoint folder (continual start)")
+    resume_from: str | None = Field(
+        None,
+        description="full state (weights, optimizer, step, data position) from a checkpoint folder, into a new "
+        "run: anneal branches; a different schedule here is an explicit choice and is logged as a warning",
+    )
     audit_dir: str | None = Field(None, description="write the row ids of every committed step here (tests)")
     fail_at_step: int | None = Field(None, ge=1, description="fault injection: rank 1 raises once at this step")
     data_loader_prefetch: int = Field(2, ge=0)
@@ -144,7 +149,15 @@ class RunConfig(_Strict):
 
         objectives.get(self.objective.name, **self.objective.params)
         schedules.get(self.schedule.name, **self.schedule_params())
+        if self.trainer.init_from and self.trainer.resume_from:
+            raise ValueError("set only one of trainer.init_from (weights only) and trainer.resume_from (full state)")
         return self
+
+    def schedule_description(self) -> dict[str, Any]:
+        """Schedule name + validated parameters (fractions resolved), as stored in checkpoints."""
+        from trainers import schedules
+
+        return schedules.describe(self.schedule.name, **self.schedule_params())
 
     def schedule_params(self) -> dict[str, Any]:
         """Schedule parameters, with ``total_steps`` defaulting to ``trainer.max_steps`` where the schedule has one."""

@@ -6,6 +6,7 @@ lives in ``objectives/`` and ``trainers/schedules.py``; this loop only sees thei
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -83,7 +84,7 @@ class Trainer:
         self.flops_per_token = models.flops_per_token(self.model_cfg, plan.seq_len)
         self.peak_flops = peak_tflops(t.peak_tflops, t.use_gpu) * 1e12
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
-        self.state = TrainState(step=plan.start_step, schedule={"name": cfg.schedule.name, "params": self.schedule_params})
+        self.state = TrainState(step=plan.start_step, schedule=cfg.schedule_description())
         self.rows = plan.start_rows
 
     # ---- setup -------------------------------------------------------------------------------
@@ -98,10 +99,14 @@ class Trainer:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
+        if ckpt is not None:  # this run's own latest checkpoint (restart after a failure, or --resume)
+            with ckpt.as_directory() as d:
+                self.state = load_checkpoint(self.engine, d)
+        elif self.cfg.trainer.resume_from:  # a new run continuing another run's full state
+            self.state = load_checkpoint(self.engine, self.cfg.trainer.resume_from)
+        else:
             return
-        with ckpt.as_directory() as d:
-            self.state = load_checkpoint(self.engine, d)
+        self._apply_schedule_change()
         pos = DataPosition.from_dict(self.state.data_position)
         if pos.world_size != self.world:
             raise ValueError(
@@ -113,6 +118,36 @@ class Trainer:
             raise RuntimeError(f"checkpoint data position {self.rows} precedes this fit's start {self.plan.start_rows}")
         if self.rank == 0:
             log.info("resumed at step %d, rows_consumed=%d", self.state.step, self.rows)
+
+    def _apply_schedule_change(self) -> None:
+        """Make the configured schedule and peak LR govern from the restored step on.
+
+        LambdaLR's state (restored by DeepSpeed) carries the checkpoint's schedule parameters and
+        base LR; continuing under another schedule (a new task, an anneal branch) is an explicit config
+        choice, so the config wins and the change is logged with the LR before and after.
+        """
+        from trainers import schedules
+
+        new = self.cfg.schedule_description()
+        peak = self.cfg.optimizer.lr_peak
+        old = self.state.schedule
+        step = self.state.step
+        lr_before = self.lr_sched.get_last_lr()[0]
+        if old == new and all(b == peak for b in self.lr_sched.base_lrs):
+            return
+        fn = schedules.get(new["name"], **new["params"])
+        self.lr_sched.lr_lambdas = [fn] * len(self.lr_sched.lr_lambdas)
+        self.lr_sched.base_lrs = [peak] * len(self.lr_sched.base_lrs)
+        lr_after = peak * fn(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_after
+        self.lr_sched._last_lr = [lr_after] * len(self.optimizer.param_groups)
+        self.state.schedule = new
+        if self.rank == 0:
+            log.warning(
+                "schedule changed at step %d: %s -> %s; LR %.6g -> %.6g",
+                step, json.dumps(old, sort_keys=True), json.dumps(new, sort_keys=True), lr_before, lr_after,
+            )
 
     def _val_rows(self) -> torch.Tensor:
         """This rank's slice of the first ``eval_rows`` validation rows (equal count on every rank)."""
@@ -162,6 +197,8 @@ class Trainer:
         for _ in range(cursor // mb):  # restarted inside this fit: skip rows already committed
             next(it)
 
+        if self.state.step == 0:  # the baseline every later val/loss is compared with
+            self.sink.log({"val/loss": self.evaluate(val)}, 0)
         committed: list[np.ndarray] = []
         loss_sum = torch.zeros((), device=self.device)
         n_micro, wait_s, t_window = 0, 0.0, time.perf_counter()

@@ -55,7 +55,7 @@ def test_two_worker_zero2_run_tracks_checkpoints_and_registers(ray_session, debu
     train = client.get_metric_history(out.mlflow_run_id, "train/loss")
     val = client.get_metric_history(out.mlflow_run_id, "val/loss")
     assert [m.step for m in train] == [5, 10, 15, 20]
-    assert [m.step for m in val] == [10, 20]
+    assert [m.step for m in val] == [0, 10, 20]
     assert train[-1].value < train[0].value - 0.3
     for key in ("lr", "perf/tokens_per_s", "perf/mfu", "data/wait_frac"):
         hist = client.get_metric_history(out.mlflow_run_id, key)
@@ -130,6 +130,16 @@ def test_resume_continues_with_next_unseen_rows(ray_session, debug_data, tmp_pat
                        register=False, resume=True)
     assert second.run_name == first.run_name and second.mlflow_run_id == first.mlflow_run_id
     assert second.metrics["step"] == 12
+    # the LR continues exactly: logged LR at every step equals peak * schedule(step)
+    import mlflow
+
+    from trainers import schedules
+
+    f = schedules.get("cosine", warmup_steps=2, min_ratio=0.1, total_steps=12)
+    first_f = schedules.get("cosine", warmup_steps=2, min_ratio=0.1, total_steps=6)
+    lrs = {m.step: m.value for m in mlflow.MlflowClient(tracking_uri).get_metric_history(first.mlflow_run_id, "lr")}
+    assert lrs[5] == pytest.approx(3e-3 * first_f(5))  # first fit, planned for 6 steps
+    assert lrs[10] == pytest.approx(3e-3 * f(10)) and lrs[12] == pytest.approx(3e-3 * f(12))
     for rank in range(2):
         np.testing.assert_array_equal(
             read_audit(audit, rank), expected_rows(debug_data, world=2, rank=rank, seed=0, start=0, count=12 * 8)

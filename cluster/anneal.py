@@ -1,0 +1,76 @@
+"""Anneal branches of the infinite schedule (Ibrahim et al. 2024, arXiv 2403.08763).
+
+The main line trains at the constant LR ``η_const`` for as long as data keeps coming. To release a
+model, a *branch* continues from a constant-phase checkpoint with the exponential anneal to ``η_min``
+for N steps, into a new run; the source checkpoint is only read, so the main line can go on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cluster.config import ConfigError, apply_overrides, validate_config
+from cluster.train import TrainOutcome, run_train
+from trainers.checkpoint import TrainState
+
+
+def resolve_checkpoint(source: str, tracking_uri: str) -> Path:
+    """A checkpoint folder, or the checkpoint behind a registered model (``NAME@ALIAS``, ``models:/...``)."""
+    path = Path(source)
+    if path.is_dir():
+        TrainState.load(path)  # fails clearly if it is not one of ours
+        return path
+    from mlflow import MlflowClient
+
+    uri = source.removeprefix("models:/")
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        if "@" in uri:
+            name, alias = uri.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = uri.split("/", 1)
+            mv = client.get_model_version(name, version)
+    except Exception as e:
+        raise ConfigError(f"{source!r} is neither a checkpoint folder nor a registered model version ({e})") from None
+    ckpt = client.get_run(mv.run_id).data.tags.get("rpt.checkpoint")
+    if not ckpt or not Path(ckpt).is_dir():
+        raise ConfigError(
+            f"registered model {source!r} (run {mv.run_id}) has no reachable training checkpoint "
+            f"(tag rpt.checkpoint={ckpt!r}); pass the checkpoint folder instead"
+        )
+    return Path(ckpt)
+
+
+def anneal_config(checkpoint: Path, steps: int, overrides: list[str], alias: str):
+    """The run config of an anneal branch from ``checkpoint``: its own config, the infinite schedule
+    annealing from the checkpoint's step for ``steps`` steps, full state resumed."""
+    from trainers import schedules
+
+    st = TrainState.load(checkpoint)
+    sched = st.schedule
+    if sched.get("name") != "infinite":
+        raise ConfigError(
+            f"checkpoint {checkpoint} was trained with schedule {sched.get('name')!r}: anneal branches start "
+            "from the constant phase of the 'infinite' schedule"
+        )
+    try:
+        params = schedules.anneal_branch(sched["params"], start_step=st.step, anneal_steps=steps)
+    except ValueError as e:
+        raise ConfigError(f"checkpoint {checkpoint} at step {st.step}: {e}") from None
+    raw = dict(st.config)
+    raw["name"] = f"{raw['name']}-anneal-s{st.step}"
+    raw["schedule"] = {"name": "infinite", **params}
+    raw["trainer"] = {**raw["trainer"], "max_steps": st.step + steps, "resume_from": str(checkpoint.resolve()),
+                      "init_from": None, "fail_at_step": None}
+    raw["tracking"] = {**raw["tracking"], "alias": alias}
+    return validate_config(apply_overrides(raw, overrides), source=f"anneal branch of {checkpoint}")
+
+
+def run_anneal(
+    source: str, *, steps: int, overrides: list[str] | None = None, alias: str = "annealed",
+    tracking_uri: str, address: str | None = None,
+) -> TrainOutcome:
+    ckpt = resolve_checkpoint(source, tracking_uri)
+    cfg = anneal_config(ckpt, steps, list(overrides or []), alias)
+    return run_train(cfg, address=address, tracking_uri=tracking_uri)

@@ -1,0 +1,83 @@
+"""Bad inputs fail on the driver, before Ray training starts, with a message naming the cause."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load_config
+from cluster.train import check_data
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def data_copy(debug_data, tmp_path) -> Path:
+    dst = tmp_path / "prepared"
+    shutil.copytree(debug_data, dst)
+    return dst
+
+
+def cfg_for(path: Path, *overrides: str):
+    return load_config(REPO / "configs/debug-lm.yaml", [f"data.path={path}", *overrides])
+
+
+def test_good_data_passes(data_copy):
+    chk = check_data(cfg_for(data_copy))
+    assert chk.vocab_size == 1024 and chk.seq_len == 64
+
+
+def test_missing_shard_folder(data_copy):
+    shutil.rmtree(data_copy / "train")
+    with pytest.raises(ConfigError, match=r"train shard .*part-00000.parquet.* is missing.*rpt data prepare"):
+        check_data(cfg_for(data_copy))
+
+
+def test_missing_prepared_folder(tmp_path):
+    with pytest.raises(ConfigError, match=r"does not exist.*rpt data prepare"):
+        check_data(cfg_for(tmp_path / "nowhere"))
+
+
+def test_corrupt_parquet_shard(data_copy):
+    shard = sorted((data_copy / "train").glob("*.parquet"))[1]
+    shard.write_bytes(b"PAR1 this is not parquet" * 10)
+    with pytest.raises(ConfigError, match=rf"{shard.name}.*not a readable Parquet file"):
+        check_data(cfg_for(data_copy))
+
+
+def test_tokenizer_vocab_does_not_match_model(data_copy):
+    with pytest.raises(ConfigError, match=r"model.vocab_size=2048 does not match the tokenizer vocabulary of 1024"):
+        check_data(cfg_for(data_copy, "model.vocab_size=2048"))
+
+
+def test_replaced_tokenizer_file(data_copy):
+    tok = data_copy / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"<|pad|>"', '"<|PAD|>"'))
+    with pytest.raises(ConfigError, match=r"tokenizer.*does not match the manifest's sha256"):
+        check_data(cfg_for(data_copy))
+
+
+def test_init_from_model_with_other_vocab(data_copy, tmp_path):
+    import models
+    from models.io import save_pretrained
+
+    cfg = models.resolve_config("debug", vocab_size=2048, max_seq_len=64)
+    save_pretrained(models.build(cfg), cfg, tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"vocab_size 2048.*tokenizer has 1024"):
+        check_data(cfg_for(data_copy, f"trainer.init_from={tmp_path / 'other'}"))
+
+
+def test_rpt_train_exits_nonzero_before_ray(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "train", str(REPO / "configs/debug-lm.yaml"), f"data.path={tmp_path / 'x'}",
+         f"storage_path={tmp_path / 'res'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "data.path=" in r.stderr and "rpt data prepare" in r.stderr
+    assert not (tmp_path / "res").exists() or not any((tmp_path / "res").iterdir())  # nothing half-written
