@@ -9,12 +9,11 @@ export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_DEDUP_LOGS ?= 1
 
-.PHONY: install demo test test-unit test-integration lint bench clean
+.PHONY: install demo tune-demo test test-unit test-integration lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch is bounded in pyproject.toml so pip takes the CPU wheel on disk here, CUDA on GPU hosts.
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -26,6 +25,10 @@ demo: $(STAMP)
 	$(BIN)/rpt data prepare configs/tiny-lm.yaml --if-missing
 	$(BIN)/rpt train configs/tiny-lm.yaml
 	$(BIN)/rpt generate tiny-lm@current --prompt "The for statement" --max-new-tokens 48 --temperature 0.7
+
+# Ray Tune: cosine_rewarm vs infinite over prose -> Python -> C (3 seeds each), debug model on CPU.
+tune-demo: $(STAMP)
+	$(BIN)/rpt tune configs/tune-debug.yaml
 
 # Own process session + hard bound: a killed run must not leave Ray processes behind.
 test: $(STAMP)

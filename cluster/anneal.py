@@ -69,8 +69,9 @@ def anneal_config(checkpoint: Path, steps: int, overrides: list[str], alias: str
 
 def run_anneal(
     source: str, *, steps: int, overrides: list[str] | None = None, alias: str = "annealed",
-    tracking_uri: str, address: str | None = None,
+    tracking_uri: str, address: str | None = None, parent_run_id: str | None = None,
 ) -> TrainOutcome:
     ckpt = resolve_checkpoint(source, tracking_uri)
     cfg = anneal_config(ckpt, steps, list(overrides or []), alias)
-    return run_train(cfg, address=address, tracking_uri=tracking_uri)
+    return run_train(cfg, address=address, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                     tags={"rpt.anneal_source": str(ckpt.resolve())})

@@ -149,6 +149,53 @@ def generate(
 
 
 @app.command()
+def continual(
+    config: str,
+    overrides: list[str] | None = OVERRIDES,
+    address: str | None = typer.Option(None),
+    tracking_uri: str | None = typer.Option(None),
+) -> None:
+    """Continual pre-training: train the config's tasks in order, fill L[i][j], register each task's model."""
+    from cluster.config import ConfigError
+    from cluster.continual import load_continual, run_continual
+
+    try:
+        cfg = load_continual(config, overrides or [])
+        res = run_continual(cfg, tracking_uri=tracking_uri, address=address)
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(e)
+    names = res["tasks"]
+    console.print("L[i][j] = val loss on task j after task i")
+    console.print("after \\ on  " + "  ".join(f"{n:>8}" for n in names))
+    for n, row in zip(names, res["L"], strict=True):
+        console.print(f"{n:>11}  " + "  ".join(f"{v:8.3f}" for v in row))
+    console.print(" ".join(f"{k}={v:.4f}" for k, v in res["summary"].items()))
+    if "summary_annealed" in res:
+        console.print("annealed: " + " ".join(f"{k}={v:.4f}" for k, v in res["summary_annealed"].items()))
+    console.print(f"MLflow run: {res['run_id']}")
+
+
+@app.command()
+def tune(
+    config: str,
+    overrides: list[str] | None = OVERRIDES,
+    address: str | None = typer.Option(None),
+    tracking_uri: str | None = typer.Option(None),
+) -> None:
+    """Ray Tune comparison of LR schedules (and seeds, swept keys) over a continual task sequence."""
+    from cluster.config import ConfigError
+    from cluster.tune import load_tune, run_tune
+
+    try:
+        cfg = load_tune(config, overrides or [])
+        report = run_tune(cfg, tracking_uri=tracking_uri, address=address)
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(e)
+    console.print(report["table"], markup=False, highlight=False)
+    console.print(f"MLflow parent run: {report['parent_run_id']}   Tune results (TensorBoard): {report['tune_dir']}")
+
+
+@app.command()
 def anneal(
     source: str = typer.Argument(..., help="checkpoint folder, or a registered model NAME@ALIAS / models:/..."),
     steps: int = typer.Option(..., min=1, help="anneal length in optimizer steps"),

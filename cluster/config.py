@@ -44,19 +44,30 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict (creating intermediate mappings)."""
+    """Set dotted keys in a nested dict (creating intermediate mappings); an integer segment indexes a list
+    (``tasks.1.steps=40``)."""
     for text in overrides:
         parts, value = parse_override(text)
-        node = raw
-        for i, p in enumerate(parts[:-1]):
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                where = ".".join(parts[: i + 1])
-                raise ConfigError(f"override {text!r}: {where} is a {type(nxt).__name__}, not a section")
-            node = nxt
-        node[parts[-1]] = value
+        node: Any = raw
+        for i, p in enumerate(parts):
+            where = ".".join(parts[: i + 1])
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"override {text!r}: {where} is not an index of a list of {len(node)} items")
+                if last:
+                    node[int(p)] = value
+                else:
+                    node = node[int(p)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[:i])} is a {type(node).__name__}, not a section")
+            if last:
+                node[p] = value
+            else:
+                if node.get(p) is None:
+                    node[p] = {}
+                node = node[p]
     return raw
 
 

@@ -59,6 +59,30 @@ def check_data(cfg: RunConfig) -> DataCheck:
             f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the data's seq_len={manifest.seq_len} "
             f"({root}/manifest.json); raise model.max_seq_len or prepare shorter rows"
         )
+    others = {f"data.eval_sets.{k}": v for k, v in cfg.data.eval_sets.items()}
+    if cfg.data.replay:
+        others.update({f"data.replay.paths[{i}]": p for i, p in enumerate(cfg.data.replay.paths)})
+    for field_name, path in others.items():
+        try:
+            other = Manifest.load(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{field_name}={path!r}: {e}") from None
+        if other.tokenizer.sha256 != manifest.tokenizer.sha256 or other.seq_len != manifest.seq_len:
+            raise ConfigError(
+                f"{field_name}={path!r} was prepared with another tokenizer or seq_len than data.path: prepare it "
+                f"with data.prepare.tokenizer={str(root / manifest.tokenizer.path)!r} and seq_len={manifest.seq_len}"
+            )
+    import objectives
+
+    obj = objectives.get(cfg.objective.name, **cfg.objective.params)
+    needed = list(obj.required_special_tokens()) if hasattr(obj, "required_special_tokens") else []
+    missing = [tok for tok in needed if tok not in manifest.tokenizer.special_tokens]
+    if missing:
+        raise ConfigError(
+            f"objective {cfg.objective.name!r} needs special tokens {missing} that the tokenizer of "
+            f"data.path={cfg.data.path!r} lacks (it has {sorted(manifest.tokenizer.special_tokens)}); prepare "
+            f"the data with data.prepare.special_tokens including them"
+        )
     if cfg.trainer.init_from:
         init_cfg = Path(cfg.trainer.init_from, "model_config.json")
         if not init_cfg.is_file():
@@ -70,6 +94,24 @@ def check_data(cfg: RunConfig) -> DataCheck:
                 "continue pre-training with data tokenised by the model's own tokenizer"
             )
     return DataCheck(manifest, vocab, manifest.seq_len, str((root / manifest.tokenizer.path).resolve()))
+
+
+def replay_rows_per_micro(cfg: RunConfig) -> int:
+    """Rows of each micro-batch drawn from replay: ``round(fraction * micro_batch_size)``."""
+    rp, mb = cfg.data.replay, cfg.trainer.micro_batch_size
+    if rp is None or rp.fraction == 0.0:
+        return 0
+    if not rp.paths:
+        raise ConfigError("data.replay.fraction > 0 needs data.replay.paths (prepared folders of earlier tasks)")
+    n = round(rp.fraction * mb)
+    if n == 0 or n == mb:
+        raise ConfigError(
+            f"data.replay.fraction={rp.fraction} of trainer.micro_batch_size={mb} rounds to {n} rows: "
+            "raise micro_batch_size or choose a fraction that leaves both parts non-empty"
+        )
+    if abs(n / mb - rp.fraction) > 1e-9:
+        log.warning("data.replay.fraction=%s realised as %d/%d = %.4f of each micro-batch", rp.fraction, n, mb, n / mb)
+    return n
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -127,6 +169,8 @@ def run_train(
     register: bool = True,
     dashboard: bool | None = False,
     extra_aliases: tuple[str, ...] = (),
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> TrainOutcome:
     import mlflow
     import ray.train
@@ -135,7 +179,7 @@ def run_train(
 
     from cluster.ray_env import init_ray
     from cluster.registry import register_checkpoint
-    from data.stream import PlannedDataConfig, load_shards
+    from data.stream import PlannedDataConfig, StreamPlan, load_shards
     from trainers.loop import train_loop_per_worker
 
     t = cfg.trainer
@@ -147,7 +191,7 @@ def run_train(
     run_dir = storage / name
 
     # --- where this fit starts --------------------------------------------------------------
-    start_rows, start_step, run_id = 0, 0, None
+    start_rows, start_step, run_id, start_replay = 0, 0, None, 0
     if resume:
         if not run_dir.is_dir():
             raise ConfigError(f"--resume: no run {name!r} in storage_path={str(storage)!r}")
@@ -155,11 +199,15 @@ def run_train(
         if ckpt is not None:
             st = TrainState.load(ckpt)
             start_rows, start_step, run_id = st.data_position["rows_consumed"], st.step, st.mlflow_run_id
+            start_replay = st.data_position.get("replay_rows_consumed", 0)
         if (run_dir / RUN_FILE).is_file():
             run_id = json.loads((run_dir / RUN_FILE).read_text())["mlflow_run_id"]
     elif t.resume_from:
         st = TrainState.load(t.resume_from)
-        start_rows, start_step = st.data_position["rows_consumed"], st.step
+        start_step = st.step
+        if t.resume_data_position:
+            start_rows = st.data_position["rows_consumed"]
+            start_replay = st.data_position.get("replay_rows_consumed", 0)
         if st.data_position["world_size"] != t.num_workers:
             raise ConfigError(
                 f"trainer.resume_from={t.resume_from!r} was written by {st.data_position['world_size']} workers; "
@@ -172,7 +220,10 @@ def run_train(
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
     client = MlflowClient(uri)
     if run_id is None:
-        run = client.create_run(exp_id, run_name=name, tags={"rpt.config_name": cfg.name, "rpt.objective": cfg.objective.name})
+        run_tags = {"rpt.config_name": cfg.name, "rpt.objective": cfg.objective.name, **(tags or {})}
+        if parent_run_id:
+            run_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, run_name=name, tags=run_tags)
         run_id = run.info.run_id
         client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in _flat_params(cfg.model_dump(mode="json")).items()])
         client.log_text(run_id, dump_config(cfg), "config.yaml")
@@ -188,20 +239,31 @@ def run_train(
     # One progress bar per rank stream and per epoch is noise in a training log; Ray Data's own
     # progress stays on the dashboard.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    steps = t.max_steps - start_step
+    replay_micro = replay_rows_per_micro(cfg)
     shards = load_shards(cfg.data.path, "train")
-    count = (t.max_steps - start_step) * t.rows_per_step
+    streams = {"train": StreamPlan(tuple(shards), cfg.seed, start_rows, steps * t.grad_accum_steps * (t.micro_batch_size - replay_micro))}
+    datasets = {"train": ray.data.read_parquet([s.path for s in shards], columns=["tokens", "row_id"])}
+    if replay_micro:
+        rshards = [sh for p in cfg.data.replay.paths for sh in load_shards(p, "train")]
+        streams["replay"] = StreamPlan(tuple(rshards), cfg.data.replay.seed, start_replay, steps * t.grad_accum_steps * replay_micro)
+        datasets["replay"] = ray.data.read_parquet([s.path for s in rshards], columns=["tokens", "row_id"])
+    val_sets = {"val": cfg.data.path, **{f"val:{k}": v for k, v in cfg.data.eval_sets.items()}}
+    for key, path in val_sets.items():
+        datasets[key] = ray.data.read_parquet([s.path for s in load_shards(path, "val")], columns=["tokens", "row_id"])
     fit = {
-        "shards": [s.__dict__ for s in shards],
-        "start_rows": start_rows,
+        "streams": {k: v.to_dict() for k, v in streams.items()},
         "start_step": start_step,
+        "replay_per_micro": replay_micro,
         "tokenizer_path": data.tokenizer_path,
         "vocab_size": data.vocab_size,
         "seq_len": data.seq_len,
         "tracking_uri": uri,
         "mlflow_run_id": run_id,
         "marker_path": str(run_dir / ".failure_injected") if t.fail_at_step else None,
+        "special_tokens": dict(data.manifest.tokenizer.special_tokens),
+        "val_sets": list(val_sets),
     }
-    val_paths = [str(p.resolve()) for p in data.manifest.shard_paths(cfg.data.path, "val")]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "fit": fit},
@@ -214,11 +276,8 @@ def run_train(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         ),
-        datasets={
-            "train": ray.data.read_parquet([s.path for s in shards], columns=["tokens", "row_id"]),
-            "val": ray.data.read_parquet(val_paths, columns=["tokens", "row_id"]),
-        },
-        dataset_config=PlannedDataConfig(shards, world_size=t.num_workers, seed=cfg.seed, start=start_rows, count=count),
+        datasets=datasets,
+        dataset_config=PlannedDataConfig(streams, world_size=t.num_workers),
     )
     result = trainer.fit()
     if result.error:

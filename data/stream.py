@@ -60,6 +60,7 @@ class DataPosition:
     world_size: int
     seed: int
     epoch_rows: int  # rows per rank per epoch
+    replay_rows_consumed: int = 0  # per rank, of the replay stream (continual pre-training)
 
     @property
     def epoch(self) -> int:
@@ -75,6 +76,7 @@ class DataPosition:
             world_size=int(d["world_size"]),
             seed=int(d["seed"]),
             epoch_rows=int(d["epoch_rows"]),
+            replay_rows_consumed=int(d.get("replay_rows_consumed", 0)),
         )
 
 
@@ -134,38 +136,63 @@ def pieces_row_ids(pieces: list[Piece]) -> np.ndarray:
 
 
 def build_rank_dataset(shards: list[Shard], pieces: list[Piece], columns: list[str] | None = None):
-    """A Ray Dataset that yields exactly ``pieces`` in order (one read per epoch, filtered by row id)."""
+    """A Ray Dataset that yields exactly ``pieces`` in order.
+
+    Runs of whole shards are read with one ``read_parquet`` each; a partial shard (the first or last
+    of a rank's range) is read on its own and filtered by row id, so shards from different prepared
+    folders (replay mixtures), whose row ids overlap, never filter each other.
+    """
     import ray.data
 
     columns = columns or ["tokens", "row_id"]
-    by_epoch: dict[int, list[Piece]] = {}
+    segments: list[tuple[list[str], tuple[int, int] | None]] = []
     for p in pieces:
-        by_epoch.setdefault(p.epoch, []).append(p)
+        path, whole = shards[p.shard].path, p.rows == shards[p.shard].rows
+        if whole and segments and segments[-1][1] is None and path not in segments[-1][0]:
+            segments[-1][0].append(path)
+        else:
+            segments.append(([path], None if whole else (p.lo, p.hi)))
     parts = []
-    for epoch in sorted(by_epoch):
-        eps = by_epoch[epoch]
-        paths = [shards[p.shard].path for p in eps]
-        ds = ray.data.read_parquet(paths, columns=columns, shuffle=None)
-        partial = [(p.lo, p.hi) for p in eps if p.rows != shards[p.shard].rows]
-        if partial:
-            ds = ds.map_batches(_RangeFilter(eps), batch_format="numpy", batch_size=None, zero_copy_batch=True)
+    for paths, rng in segments:
+        ds = ray.data.read_parquet(paths, columns=columns)
+        if rng is not None:
+            ds = ds.map_batches(_RangeFilter(*rng), batch_format="numpy", batch_size=None, zero_copy_batch=True)
         parts.append(ds)
     out = parts[0]
     return out.union(*parts[1:]) if len(parts) > 1 else out
 
 
 class _RangeFilter:
-    """Keep rows whose row id falls in one of the pieces (vectorised; a loop over pieces only)."""
+    """Keep rows whose row id lies in ``[lo, hi)`` (vectorised)."""
 
-    def __init__(self, pieces: list[Piece]):
-        self.ranges = np.array([(p.lo, p.hi) for p in pieces], dtype=np.int64)
+    def __init__(self, lo: int, hi: int):
+        self.lo, self.hi = lo, hi
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = batch["row_id"]
-        keep = np.zeros(len(ids), dtype=bool)
-        for lo, hi in self.ranges:
-            keep |= (ids >= lo) & (ids < hi)
+        keep = (ids >= self.lo) & (ids < self.hi)
         return {k: v[keep] for k, v in batch.items()}
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """One planned stream: its shards, seed, and the per-rank range ``[start, start + count)``."""
+
+    shards: tuple[Shard, ...]
+    seed: int
+    start: int
+    count: int
+
+    def pieces(self, world_size: int, rank: int) -> list[Piece]:
+        return rank_pieces(list(self.shards), world_size=world_size, rank=rank, seed=self.seed, start=self.start,
+                           count=self.count)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shards": [asdict(s) for s in self.shards], "seed": self.seed, "start": self.start, "count": self.count}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StreamPlan:
+        return cls(tuple(Shard(**s) for s in d["shards"]), int(d["seed"]), int(d["start"]), int(d["count"]))
 
 
 def _planned_data_config_base():
@@ -175,16 +202,17 @@ def _planned_data_config_base():
 
 
 class PlannedDataConfig(_planned_data_config_base()):
-    """A Ray Train ``DataConfig`` that hands rank ``r`` its planned stream as the ``train`` shard.
+    """A Ray Train ``DataConfig`` that hands rank ``r`` its planned rows of every planned stream.
 
-    ``get_dataset_shard("train").iter_torch_batches(...)`` in the worker then yields the plan's
-    rows in order. Other datasets (``val``) are given whole to every rank. Order preservation is
-    switched on: the plan is only worth something if Ray Data keeps it.
+    ``get_dataset_shard("train").iter_torch_batches(...)`` in the worker then yields the plan's rows
+    in order (likewise ``"replay"`` in continual pre-training). Other datasets (validation sets) are
+    given whole to every rank. Order preservation is switched on: the plan is only worth something if
+    Ray Data keeps it.
     """
 
-    def __init__(self, shards: list[Shard], *, world_size: int, seed: int, start: int, count: int):
-        super().__init__(datasets_to_split=["train"])
-        self.shards, self.world_size, self.seed, self.start, self.count = shards, world_size, seed, start, count
+    def __init__(self, streams: dict[str, StreamPlan], *, world_size: int):
+        super().__init__(datasets_to_split=list(streams))
+        self.streams, self.world_size = streams, world_size
 
     def _options(self, name: str):
         opts = self._resolve_execution_options(name)
@@ -196,12 +224,10 @@ class PlannedDataConfig(_planned_data_config_base()):
             raise ValueError(f"plan made for {self.world_size} workers, Ray started {world_size}")
         out: list[dict[str, Any]] = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
-            if name == "train":
+            if name in self.streams:
+                plan = self.streams[name]
                 for r in range(world_size):
-                    pieces = rank_pieces(
-                        self.shards, world_size=world_size, rank=r, seed=self.seed, start=self.start, count=self.count
-                    )
-                    rds = build_rank_dataset(self.shards, pieces)
+                    rds = build_rank_dataset(list(plan.shards), plan.pieces(world_size, r))
                     rds.context.execution_options = self._options(name)
                     out[r][name] = rds.iterator()
             else:

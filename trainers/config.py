@@ -17,6 +17,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ReplaySpec(_Strict):
+    """Replay of earlier tasks' data mixed into every micro-batch (continual pre-training).
+
+    Ibrahim et al. (arXiv 2403.08763): a few percent of replay (5%, up to 25% under strong
+    distribution shift) limits forgetting.
+    """
+
+    fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of each micro-batch drawn from replay")
+    paths: list[str] = Field(default_factory=list, description="prepared folders of the earlier tasks replayed")
+    seed: int = Field(1, description="seed of the replay stream's order")
+
+
 class DataSpec(_Strict):
     """Where the prepared (tokenised, packed) shards are, and how to build them if they are missing."""
 
@@ -26,6 +38,11 @@ class DataSpec(_Strict):
     )
     eval_rows: int = Field(256, ge=1, description="validation rows evaluated at every eval (split over ranks)")
     verify_shards: bool = Field(True, description="check every shard's Parquet footer on the driver before Ray starts")
+    replay: ReplaySpec | None = None
+    eval_sets: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra validation sets {name: prepared folder}, logged as val/<name>/loss at every eval",
+    )
 
     @model_validator(mode="after")
     def _check_prepare(self) -> DataSpec:
@@ -92,11 +109,14 @@ class TrainerSpec(_Strict):
     peak_tflops: float | None = Field(
         None, gt=0.0, description="per-worker peak for MFU; None: a GPU table, or a measured fp32 matmul on CPU"
     )
-    init_from: str | None = Field(None, description="weights only, from a checkpoint folder (continual start)")
+    init_from: str | None = Field(None, description="weights only, from an exported model or checkpoint folder")
     resume_from: str | None = Field(
         None,
         description="full state (weights, optimizer, step, data position) from a checkpoint folder, into a new "
         "run: anneal branches; a different schedule here is an explicit choice and is logged as a warning",
+    )
+    resume_data_position: bool = Field(
+        True, description="with resume_from: continue its data position (False: a new task's data from its start)"
     )
     audit_dir: str | None = Field(None, description="write the row ids of every committed step here (tests)")
     fail_at_step: int | None = Field(None, ge=1, description="fault injection: rank 1 raises once at this step")

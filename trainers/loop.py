@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.stream import DataPosition, Shard, pieces_row_ids, rank_pieces
+from data.stream import DataPosition, StreamPlan, pieces_row_ids
 from trainers.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from trainers.config import RunConfig
 
@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 class FitPlan:
     """What the driver computed for this ``fit()``: data plan, tracking run, resolved sizes."""
 
-    shards: list[dict[str, Any]]
-    start_rows: int  # data position (rows per rank) at the start of this fit
+    streams: dict[str, dict[str, Any]]  # "train" (+ "replay"): data.stream.StreamPlan as dicts
     start_step: int
     tokenizer_path: str
     vocab_size: int
@@ -38,6 +37,9 @@ class FitPlan:
     tracking_uri: str
     mlflow_run_id: str | None
     marker_path: str | None = None
+    replay_per_micro: int = 0  # rows of each micro-batch drawn from the replay stream
+    special_tokens: dict[str, int] = field(default_factory=dict)
+    val_sets: list[str] = field(default_factory=lambda: ["val"])  # dataset names; "val" is the run's own
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,13 +71,15 @@ class Trainer:
         self.cfg, self.plan, t = cfg, plan, cfg.trainer
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.shards = [Shard(**s) for s in plan.shards]
+        self.streams = {name: StreamPlan.from_dict(d) for name, d in plan.streams.items()}
         seed_everything(cfg.seed)  # identical initial weights on every rank
         self.model_cfg = cfg.model.resolve(vocab_size=plan.vocab_size, max_seq_len=plan.seq_len)
         model = models.build(self.model_cfg)
         if t.init_from:
             self._init_weights(model, t.init_from)
         self.objective = objectives.get(cfg.objective.name, **cfg.objective.params)
+        if hasattr(self.objective, "setup"):  # objectives that need token ids or the vocabulary
+            self.objective.setup(special_tokens=plan.special_tokens, vocab_size=plan.vocab_size)
         self.schedule_params = cfg.schedule_params()
         lr_fn = schedules.get(cfg.schedule.name, **self.schedule_params)
         self.engine, self.optimizer, self.lr_sched = build_engine(model, t, cfg.optimizer, lr_fn)
@@ -85,7 +89,9 @@ class Trainer:
         self.peak_flops = peak_tflops(t.peak_tflops, t.use_gpu) * 1e12
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.state = TrainState(step=plan.start_step, schedule=cfg.schedule_description())
-        self.rows = plan.start_rows
+        self.rows = {name: sp.start for name, sp in self.streams.items()}  # data position per stream
+        mb = t.micro_batch_size
+        self.micro_rows = {"train": mb - plan.replay_per_micro, **({"replay": plan.replay_per_micro} if "replay" in self.streams else {})}
 
     # ---- setup -------------------------------------------------------------------------------
     def _init_weights(self, model: torch.nn.Module, path: str) -> None:
@@ -107,17 +113,21 @@ class Trainer:
         else:
             return
         self._apply_schedule_change()
+        if ckpt is None and not self.cfg.trainer.resume_data_position:
+            return  # a new task: the step, optimizer and LR go on, the data starts at the new stream's beginning
         pos = DataPosition.from_dict(self.state.data_position)
         if pos.world_size != self.world:
             raise ValueError(
                 f"checkpoint was written by {pos.world_size} workers, this run has {self.world}: the data "
                 "position is per rank; resume with the same trainer.num_workers"
             )
-        self.rows = pos.rows_consumed
-        if self.rows < self.plan.start_rows:
-            raise RuntimeError(f"checkpoint data position {self.rows} precedes this fit's start {self.plan.start_rows}")
+        restored = {"train": pos.rows_consumed, "replay": pos.replay_rows_consumed}
+        for name, sp in self.streams.items():
+            self.rows[name] = restored[name]
+            if self.rows[name] < sp.start:
+                raise RuntimeError(f"checkpoint position {self.rows[name]} of stream {name!r} precedes this fit's start {sp.start}")
         if self.rank == 0:
-            log.info("resumed at step %d, rows_consumed=%d", self.state.step, self.rows)
+            log.info("resumed at step %d, data position %s", self.state.step, self.rows)
 
     def _apply_schedule_change(self) -> None:
         """Make the configured schedule and peak LR govern from the restored step on.
@@ -149,13 +159,13 @@ class Trainer:
                 step, json.dumps(old, sort_keys=True), json.dumps(new, sort_keys=True), lr_before, lr_after,
             )
 
-    def _val_rows(self) -> torch.Tensor:
-        """This rank's slice of the first ``eval_rows`` validation rows (equal count on every rank)."""
+    def _val_rows(self, name: str) -> torch.Tensor:
+        """This rank's slice of the first ``eval_rows`` rows of validation set ``name`` (equal count on every rank)."""
         import ray.train
 
         want = self.cfg.data.eval_rows
         got = []
-        for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=min(want, 1024), dtypes=torch.long):
+        for batch in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=min(want, 1024), dtypes=torch.long):
             got.append(batch["tokens"])
             if sum(len(x) for x in got) >= want:
                 break
@@ -171,83 +181,97 @@ class Trainer:
 
         t = self.cfg.trainer
         self._restore()
-        B, mb = t.rows_per_step, t.micro_batch_size
-        remaining = t.max_steps - self.state.step
-        if remaining <= 0:
+        if self.state.step >= t.max_steps:
             log.info("nothing to do: step %d >= max_steps %d", self.state.step, t.max_steps)
             return
-        # The plan this fit streams (from the fit's start) and the rows already committed since then.
-        expected = pieces_row_ids(
-            rank_pieces(
-                self.shards,
-                world_size=self.world,
-                rank=self.rank,
-                seed=self.cfg.seed,
-                start=self.plan.start_rows,
-                count=(t.max_steps - self.plan.start_step) * B,
+        # Per stream: the rows this fit was planned to stream (from the fit's start), a cursor into
+        # them (rows already committed since then, after a restart), and the Ray Data iterator.
+        expected, cursor, iters = {}, {}, {}
+        for name, sp in self.streams.items():
+            mb = self.micro_rows[name]
+            expected[name] = pieces_row_ids(sp.pieces(self.world, self.rank))
+            cursor[name] = self.rows[name] - sp.start
+            iters[name] = iter(
+                ray.train.get_dataset_shard(name).iter_torch_batches(
+                    batch_size=mb, drop_last=True, prefetch_batches=t.data_loader_prefetch
+                )
             )
-        )
-        cursor = self.rows - self.plan.start_rows
-        val = self._val_rows()
-        it = iter(
-            ray.train.get_dataset_shard("train").iter_torch_batches(
-                batch_size=mb, drop_last=True, prefetch_batches=t.data_loader_prefetch
-            )
-        )
-        for _ in range(cursor // mb):  # restarted inside this fit: skip rows already committed
-            next(it)
-
+            for _ in range(cursor[name] // mb):  # restarted inside this fit: skip rows already committed
+                next(iters[name])
+        vals = {name: self._val_rows(name) for name in self.plan.val_sets}
         if self.state.step == 0:  # the baseline every later val/loss is compared with
-            self.sink.log({"val/loss": self.evaluate(val)}, 0)
-        committed: list[np.ndarray] = []
+            self.sink.log(self._evaluate_all(vals), 0)
+
+        committed: dict[str, list[np.ndarray]] = {name: [] for name in self.streams}
         loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
         n_micro, wait_s, t_window = 0, 0.0, time.perf_counter()
         while self.state.step < t.max_steps:
             for _ in range(t.grad_accum_steps):
                 t0 = time.perf_counter()
-                batch = next(it)
+                parts = []
+                for name, it in iters.items():
+                    batch = next(it)
+                    ids = batch["row_id"].numpy()
+                    mb = self.micro_rows[name]
+                    if not np.array_equal(ids, expected[name][cursor[name] : cursor[name] + mb]):
+                        raise RuntimeError(
+                            f"rank {self.rank}: stream {name!r} diverged from the plan at position {self.rows[name]} "
+                            f"(got row ids {ids[:4]}..., expected {expected[name][cursor[name]:cursor[name] + 4]}...)"
+                        )
+                    cursor[name] += mb
+                    self.rows[name] += mb
+                    committed[name].append(ids)
+                    parts.append(batch["tokens"])
                 wait_s += time.perf_counter() - t0
-                ids = batch["row_id"].numpy()
-                if not np.array_equal(ids, expected[cursor : cursor + mb]):
-                    raise RuntimeError(
-                        f"rank {self.rank}: data stream diverged from the plan at position {self.rows} "
-                        f"(got row ids {ids[:4]}..., expected {expected[cursor:cursor + 4]}...)"
-                    )
-                cursor += mb
-                committed.append(ids)
-                tokens = batch["tokens"].to(self.device, dtype=torch.long, non_blocking=True)
+                tokens = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.device, dtype=torch.long, non_blocking=True)
                 prepared = self.objective.prepare({"tokens": tokens}, self.gen)
-                loss, _ = self.objective.loss(self.engine, prepared)
+                loss, metrics = self.objective.loss(self.engine, prepared)
                 self.engine.backward(loss)
                 self.engine.step()
                 loss_sum += loss.detach().float()
+                for k, v in metrics.items():  # device tensors: no host sync until the logging step
+                    metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
                 n_micro += 1
             self.state.step += 1
-            self.rows += B
             step = self.state.step
 
             if t.fail_at_step and step == t.fail_at_step and self.rank == 1 % self.world:
                 self._maybe_inject_failure(step)
             if step % t.log_every == 0 or step == t.max_steps:
                 dt = time.perf_counter() - t_window
-                self._log_train(loss_sum, n_micro, wait_s, dt, step)
+                self._log_train(loss_sum, metric_sums, n_micro, wait_s, dt, step)
                 loss_sum.zero_()
+                metric_sums = {}
                 n_micro, wait_s, t_window = 0, 0.0, time.perf_counter()
-            val_loss = None
+            evals = None
             if step % t.eval_every == 0 or step == t.max_steps:
-                val_loss = self.evaluate(val)
-                self.sink.log({"val/loss": val_loss}, step)
+                evals = self._evaluate_all(vals)
+                self.sink.log(evals, step)
             if step % t.checkpoint_every == 0 or step == t.max_steps:
-                self._checkpoint(step, val_loss, committed)
-                committed = []
+                self._checkpoint(step, evals, committed)
+                committed = {name: [] for name in self.streams}
 
-    def _log_train(self, loss_sum: torch.Tensor, n_micro: int, wait_s: float, dt: float, step: int) -> None:
+    def _evaluate_all(self, vals: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``val/loss`` for the run's own validation set, ``val/<name>/loss`` for the others."""
+        out = {}
+        for name, rows in vals.items():
+            key = "val/loss" if name == "val" else f"val/{name.removeprefix('val:')}/loss"
+            out[key] = self.evaluate(rows)
+        return out
+
+    def _log_train(
+        self, loss_sum: torch.Tensor, metric_sums: dict[str, torch.Tensor], n_micro: int, wait_s: float, dt: float,
+        step: int,
+    ) -> None:
         import torch.distributed as dist
 
-        # One host sync per logging step: the mean loss over ranks.
-        buf = torch.stack([loss_sum, torch.tensor(float(n_micro), device=self.device)])
+        # One host sync per logging step: the mean loss (and the objective's metrics) over ranks.
+        keys = sorted(metric_sums)
+        buf = torch.stack([loss_sum, *(metric_sums[k] for k in keys), torch.tensor(float(n_micro), device=self.device)])
         dist.all_reduce(buf)
-        loss = (buf[0] / buf[1]).item()
+        means = (buf[:-1] / buf[-1]).tolist()
+        loss = means[0]
         tokens = n_micro * self.cfg.trainer.micro_batch_size * self.plan.seq_len  # this rank
         tps_rank = tokens / dt
         self.sink.log(
@@ -260,6 +284,8 @@ class Trainer:
             },
             step,
         )
+        if keys:
+            self.sink.log({f"train/{k}": v for k, v in zip(keys, means[1:], strict=True)}, step)
         self.last_train_loss = loss
 
     @torch.no_grad()
@@ -278,16 +304,18 @@ class Trainer:
         dist.all_reduce(total)
         return (total[0] / total[1]).item()
 
-    def _checkpoint(self, step: int, val_loss: float | None, committed: list[np.ndarray]) -> None:
+    def _checkpoint(self, step: int, evals: dict[str, float] | None, committed: dict[str, list[np.ndarray]]) -> None:
         import ray.train
         from ray.train import Checkpoint
 
         t = self.cfg.trainer
+        train = self.streams["train"]
         pos = DataPosition(
-            rows_consumed=self.rows,
+            rows_consumed=self.rows["train"],
             world_size=self.world,
-            seed=self.cfg.seed,
-            epoch_rows=sum(s.rows for s in self.shards) // self.world,
+            seed=train.seed,
+            epoch_rows=sum(s.rows for s in train.shards) // self.world,
+            replay_rows_consumed=self.rows.get("replay", 0),
         )
         self.state.tokens_seen = step * t.rows_per_step * self.world * self.plan.seq_len
         self.state.data_position = pos.to_dict()
@@ -296,8 +324,7 @@ class Trainer:
         metrics = {"step": step, "tokens_seen": self.state.tokens_seen, "data_epoch": pos.epoch}
         if getattr(self, "last_train_loss", None) is not None:
             metrics["train/loss"] = self.last_train_loss
-        if val_loss is not None:
-            metrics["val/loss"] = val_loss
+        metrics.update(evals or {})
         with tempfile.TemporaryDirectory(prefix="rpt-ckpt-") as tmp:
             save_checkpoint(
                 self.engine,
@@ -308,10 +335,13 @@ class Trainer:
                 tokenizer_path=self.plan.tokenizer_path,
             )
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-        if t.audit_dir and committed:
+        if t.audit_dir:
             # Written after the report returned, i.e. once the rows are part of a persisted checkpoint.
             Path(t.audit_dir).mkdir(parents=True, exist_ok=True)
-            np.save(Path(t.audit_dir, f"rank{self.rank}-step{step:08d}.npy"), np.concatenate(committed))
+            for name, parts in committed.items():
+                if parts:
+                    prefix = "" if name == "train" else f"{name}-"
+                    np.save(Path(t.audit_dir, f"{prefix}rank{self.rank}-step{step:08d}.npy"), np.concatenate(parts))
 
     def _maybe_inject_failure(self, step: int) -> None:
         marker = self.plan.marker_path

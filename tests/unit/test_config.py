@@ -18,11 +18,30 @@ def test_there_are_configs():
     assert {p.name for p in CONFIGS} >= {"tiny-lm.yaml", "debug-lm.yaml"}
 
 
+def config_kind(path: Path) -> str:
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    return "tune" if "continual" in raw else "continual" if "tasks" in raw else "run"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_parses(path):
-    cfg = load_config(path)
-    assert cfg.name and cfg.trainer.max_steps >= 1
-    assert cfg.data.prepare_config() is None or cfg.data.prepare_config().out_dir == Path(cfg.data.path)
+    kind = config_kind(path)
+    if kind == "run":
+        cfg = load_config(path)
+        assert cfg.name and cfg.trainer.max_steps >= 1
+        assert cfg.data.prepare_config() is None or cfg.data.prepare_config().out_dir == Path(cfg.data.path)
+    elif kind == "continual":
+        from cluster.continual import load_continual
+
+        cfg = load_continual(path)
+        assert len(cfg.tasks) >= 1 and all(cfg.task_config(i, previous_checkpoint="x") for i in range(len(cfg.tasks)))
+    else:
+        from cluster.tune import load_tune
+
+        cfg = load_tune(path)
+        assert len(cfg.trials()) >= 1
 
 
 def test_dotted_overrides_documented_in_readme():

@@ -1,0 +1,228 @@
+"""Continual pre-training over a sequence of tasks (``rpt continual CONFIG``).
+
+Each task is one Ray Train fit that continues the previous task's full state (global step,
+optimizer, LR schedule; Ibrahim et al. 2024, arXiv 2403.08763) on the new task's data, optionally
+mixed with replay of earlier tasks. After each task the model is evaluated on every task's
+validation set, filling ``L[i][j]`` (REFERENCES.md §2), and registered with the alias ``task-i``.
+With the infinite schedule an anneal branch of each task is trained and evaluated too
+(``task-i-annealed``); the main line continues from the pre-anneal checkpoint at η_const.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster import tracking
+from cluster.config import ConfigError, apply_overrides, load_raw, validate_config
+from cluster.continual_metrics import summary
+from trainers.config import DataSpec, OptimizerSpec, TrackingSpec, TrainerSpec
+
+log = logging.getLogger(__name__)
+SCHEDULES_WITH_TASKS = ("cosine_rewarm", "infinite")
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    data: DataSpec
+    steps: int = Field(ge=1, description="optimizer steps of this task")
+    replay_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of each micro-batch replayed")
+    replay_tasks: list[str] | None = Field(None, description="earlier tasks replayed (default: all earlier)")
+
+
+class ContinualConfig(BaseModel):
+    """A sequence of tasks trained one after the other, with one schedule spanning all of them."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    storage_path: str = "results"
+    start: str | None = Field(None, description="None (scratch), an exported model/checkpoint folder, or models:/NAME@ALIAS")
+    tasks: list[TaskSpec] = Field(min_length=1)
+    schedule: dict[str, Any] = Field(description="name + params; task_steps/total_steps are filled from the tasks")
+    anneal_steps: int = Field(0, ge=0, description="infinite schedule: anneal branch length after each task (0: none)")
+    model: dict[str, Any] = Field(default_factory=lambda: {"preset": "debug"})
+    objective: dict[str, Any] = Field(default_factory=lambda: {"name": "causal_lm"})
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> ContinualConfig:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        for i, t in enumerate(self.tasks):
+            for r in t.replay_tasks or []:
+                if r not in names[:i]:
+                    raise ValueError(f"tasks[{i}].replay_tasks: {r!r} is not an earlier task (earlier: {names[:i]})")
+        if self.anneal_steps and self.schedule.get("name") != "infinite":
+            raise ValueError("anneal_steps > 0 needs schedule.name: infinite (anneal branches of the constant phase)")
+        for i in range(len(self.tasks)):  # every task config must validate, on the driver
+            self.task_config(i, previous_checkpoint="/dev/null" if i else None)
+        return self
+
+    @property
+    def task_steps(self) -> list[int]:
+        return [t.steps for t in self.tasks]
+
+    def schedule_params(self) -> dict[str, Any]:
+        s = {k: v for k, v in self.schedule.items() if k != "name"}
+        name = self.schedule["name"]
+        if name in SCHEDULES_WITH_TASKS:
+            s.setdefault("task_steps", self.task_steps)
+        if name != "cosine_rewarm":
+            s.setdefault("total_steps", sum(self.task_steps))
+        return s
+
+    def task_config(self, i: int, *, previous_checkpoint: str | None, start_folder: str | None = None):
+        """The run config of task ``i`` (validated)."""
+        task = self.tasks[i]
+        data = task.data.model_dump(mode="json")
+        data["eval_sets"] = {t.name: t.data.path for t in self.tasks}
+        if task.replay_fraction > 0:
+            earlier = task.replay_tasks if task.replay_tasks is not None else [t.name for t in self.tasks[:i]]
+            paths = [t.data.path for t in self.tasks if t.name in earlier]
+            data["replay"] = {"fraction": task.replay_fraction, "paths": paths, "seed": self.seed + 1000 + i}
+        trainer = self.trainer.model_dump(mode="json")
+        trainer["max_steps"] = sum(self.task_steps[: i + 1])
+        if i == 0:
+            trainer["init_from"] = start_folder
+        else:
+            trainer.update(resume_from=previous_checkpoint, resume_data_position=False, init_from=None)
+        trk = self.tracking.model_dump(mode="json")
+        trk.update(registered_model=self.tracking.registered_model or self.name, alias=f"task-{i}")
+        raw = {
+            "name": f"{self.name}-t{i}-{task.name}",
+            "seed": self.seed + i,  # each task's data order; the model init uses task 0's seed
+            "storage_path": self.storage_path,
+            "data": data,
+            "model": self.model,
+            "objective": self.objective,
+            "schedule": {"name": self.schedule["name"], **self.schedule_params()},
+            "optimizer": self.optimizer.model_dump(mode="json"),
+            "trainer": trainer,
+            "tracking": trk,
+        }
+        return validate_config(raw, source=f"continual task {i} ({task.name})")
+
+
+def load_continual(path: str | Path, overrides: list[str] | None = None) -> ContinualConfig:
+    from pydantic import ValidationError
+
+    from cluster.config import format_validation_error
+
+    raw = apply_overrides(load_raw(path), list(overrides or []))
+    try:
+        return ContinualConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path)).replace("allowed fields here", "allowed")) from None
+
+
+def prepare_tasks(cfg: ContinualConfig) -> None:
+    """Prepare every task's data that is missing; later tasks reuse task 0's tokenizer (one vocabulary)."""
+    from data.prepare import PrepareConfig, prepare
+
+    first = cfg.tasks[0].data
+    for i, task in enumerate(cfg.tasks):
+        if Path(task.data.path, "manifest.json").is_file():
+            continue
+        if task.data.prepare is None:
+            raise ConfigError(f"tasks[{i}].data.path={task.data.path!r} is not prepared and tasks[{i}].data.prepare is unset")
+        params = dict(task.data.prepare)
+        if i > 0:
+            params["tokenizer"] = str(Path(first.path, "tokenizer.json"))
+            params.setdefault("seq_len", (first.prepare or {}).get("seq_len", 128))
+        prepare(PrepareConfig(**params, out_dir=task.data.path), progress=False)
+
+
+def _resolve_start(cfg: ContinualConfig, tracking_uri: str) -> str | None:
+    """A local folder with model.safetensors + model_config.json for ``cfg.start`` (weights only)."""
+    if cfg.start is None:
+        return None
+    p = Path(cfg.start)
+    if p.is_dir():
+        return str(p.resolve())
+    from cluster.registry import pull
+
+    dest = Path(cfg.storage_path, cfg.name, "start-model").resolve()
+    pull(cfg.start, dest, tracking_uri=tracking_uri)
+    return str(dest)
+
+
+def run_continual(
+    cfg: ContinualConfig, *, tracking_uri: str | None = None, address: str | None = None,
+    parent_run_id: str | None = None, run_tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Train the task sequence; returns L, the annealed L (infinite), the summary metrics and run ids."""
+    from mlflow import MlflowClient
+
+    from cluster.anneal import run_anneal
+    from cluster.ray_env import init_ray
+    from cluster.train import run_train
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, tracking_uri)
+    init_ray(address, cpus_needed=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker, dashboard=False)
+    prepare_tasks(cfg)
+    exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    client = MlflowClient(uri)
+    tags = {"rpt.continual": cfg.name, "rpt.schedule": cfg.schedule["name"], **(run_tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    seq = client.create_run(exp_id, run_name=cfg.name, tags=tags).info.run_id
+    client.log_text(seq, json.dumps(cfg.model_dump(mode="json"), indent=2), "continual_config.json")
+    client.log_batch(seq, params=[
+        _param("schedule", cfg.schedule["name"]), _param("seed", cfg.seed), _param("tasks", [t.name for t in cfg.tasks]),
+        _param("lr_peak", cfg.optimizer.lr_peak), _param("replay", [t.replay_fraction for t in cfg.tasks]),
+    ])
+    names = [t.name for t in cfg.tasks]
+    L: list[list[float]] = []
+    L_annealed: list[list[float]] = []
+    runs: list[dict[str, Any]] = []
+    previous, start_folder = None, _resolve_start(cfg, uri)
+    for i, _task in enumerate(cfg.tasks):
+        tcfg = cfg.task_config(i, previous_checkpoint=previous, start_folder=start_folder)
+        out = run_train(tcfg, tracking_uri=uri, address=address, parent_run_id=seq,
+                        tags={"rpt.task": str(i), "rpt.task_name": names[i]})
+        row = [float(out.metrics[f"val/{n}/loss"]) for n in names]
+        L.append(row)
+        client.log_batch(seq, metrics=[_metric(f"L/{names[i]}/{n}", v, i) for n, v in zip(names, row, strict=True)])
+        entry = {"task": names[i], "run_id": out.mlflow_run_id, "checkpoint": out.checkpoint, "version": out.model_version,
+                 "step": out.metrics.get("step")}
+        if cfg.anneal_steps:
+            ann = run_anneal(out.checkpoint, steps=cfg.anneal_steps, alias=f"task-{i}-annealed", tracking_uri=uri,
+                             address=address, parent_run_id=seq)
+            L_annealed.append([float(ann.metrics[f"val/{n}/loss"]) for n in names])
+            entry.update(annealed_run_id=ann.mlflow_run_id, annealed_version=ann.model_version)
+        runs.append(entry)
+        previous = out.checkpoint
+    result: dict[str, Any] = {"tasks": names, "L": L, "summary": summary(L), "runs": runs, "run_id": seq,
+                              "schedule": cfg.schedule["name"], "seed": cfg.seed}
+    if L_annealed:
+        result["L_annealed"] = L_annealed
+        result["summary_annealed"] = summary(L_annealed)
+    metrics = {f"cl/{k}": v for k, v in result["summary"].items()}
+    metrics.update({f"cl/annealed/{k}": v for k, v in result.get("summary_annealed", {}).items()})
+    client.log_batch(seq, metrics=[_metric(k, v, len(names) - 1) for k, v in metrics.items()])
+    client.log_text(seq, json.dumps(result, indent=2), "continual_result.json")
+    client.set_terminated(seq)
+    return result
+
+
+def _param(key: str, value: Any):
+    from mlflow.entities import Param
+
+    return Param(key, str(value))
+
+
+def _metric(key: str, value: float, step: int):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), step)

@@ -1,0 +1,253 @@
+"""Where runs keep their checkpoints: a local/NFS folder or an object store (S3 or S3-compatible).
+
+``storage_path`` in a run config is either a path (``results``, ``/mnt/shared/results``) or a URI
+(``s3://bucket/prefix``). Ray Train writes run folders and checkpoints through a pyarrow filesystem;
+the driver reads them back through the same filesystem (resume, registry), so both kinds behave alike.
+
+S3-compatible endpoints (MinIO, Ceph, moto, ...) are given by, first match wins:
+
+1. query parameters of the URI, as pyarrow names them:
+   ``s3://bucket/prefix?endpoint_override=http://minio:9000&region=us-east-1``;
+2. ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL`` in the environment (the AWS SDKs' names).
+
+Credentials are never part of the config or the URI: the AWS SDK inside pyarrow reads them on every
+process from its default chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
+``~/.aws/credentials``, an instance or pod role). The filesystem object that Ray pickles to the workers
+carries no credentials, only the endpoint and options, so every node needs the credentials in its own
+environment (``rpt submit`` passes ``AWS_*`` through the job's runtime environment; on Kubernetes they
+come from a Secret, see docs/kubernetes.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import pyarrow.fs as pafs
+
+from trainers.checkpoint import TRAIN_STATE, TrainState
+
+# S3FileSystem options that may be given as URI query parameters (strings in the URI).
+_S3_OPTIONS: dict[str, type] = {
+    "endpoint_override": str,
+    "region": str,
+    "scheme": str,
+    "force_virtual_addressing": bool,
+    "allow_bucket_creation": bool,
+    "request_timeout": float,
+    "connect_timeout": float,
+    "tls_ca_file_path": str,
+}
+# Consolidated export files of a checkpoint (what the registry needs), see trainers/checkpoint.py.
+EXPORT_FILES = ("model.safetensors", "model_config.json", "tokenizer.json")
+
+
+class StorageError(ValueError):
+    """storage_path cannot be used as given (names the value and the fix)."""
+
+
+def is_uri(storage_path: str) -> bool:
+    return "://" in storage_path and not storage_path.startswith("file://")
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise StorageError(f"storage_path option {key}={value!r}: expected true or false")
+
+
+def s3_filesystem(query: dict[str, str] | None = None) -> pafs.S3FileSystem:
+    """An S3FileSystem with the endpoint and options from ``query`` or the environment; no credentials.
+
+    pyarrow's constructor ignores ``AWS_ENDPOINT_URL`` (only ``FileSystem.from_uri`` reads it), so the
+    endpoint is resolved here and stored in the filesystem: workers then need only the credentials.
+    """
+    opts: dict[str, Any] = {}
+    for key, value in (query or {}).items():
+        kind = _S3_OPTIONS.get(key)
+        if kind is None:
+            raise StorageError(
+                f"storage_path option {key!r} is not supported; allowed: {sorted(_S3_OPTIONS)}. "
+                "Credentials never go into storage_path: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment"
+            )
+        opts[key] = _parse_bool(key, value) if kind is bool else kind(value)
+    endpoint = opts.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_override"] = endpoint
+    region = opts.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["region"] = region
+    return pafs.S3FileSystem(**opts)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A resolved ``storage_path``: what Ray Train gets, and file access for the driver.
+
+    ``root`` is a path inside ``filesystem``: an absolute local path, or ``bucket/prefix`` for S3.
+    Paths handed around (checkpoint paths from Ray's ``Result``) are in the same form.
+    """
+
+    uri: str  # as configured, without options: s3://bucket/prefix or /abs/path
+    root: str
+    filesystem: pafs.FileSystem
+    remote: bool
+
+    # --- what Ray Train gets -----------------------------------------------------------------
+    def ray_run_config_kwargs(self) -> dict[str, Any]:
+        """``storage_path`` (+ ``storage_filesystem`` for remote storage) for ``ray.train.RunConfig``."""
+        if self.remote:
+            return {"storage_path": self.root, "storage_filesystem": self.filesystem}
+        return {"storage_path": self.root}
+
+    # --- paths -------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """A path below the root, in the filesystem's form."""
+        return posixpath.join(self.root, *parts) if self.remote else str(Path(self.root, *parts))
+
+    def uri_of(self, path: str) -> str:
+        """A user-facing location for a filesystem path (``s3://...`` for S3, the path itself locally)."""
+        if not self.remote:
+            return path
+        scheme = urlsplit(self.uri).scheme
+        return f"{scheme}://{path}"
+
+    # --- file access -------------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+    def is_dir(self, path: str) -> bool:
+        return self.filesystem.get_file_info(path).type == pafs.FileType.Directory
+
+    def read_text(self, path: str) -> str:
+        with self.filesystem.open_input_stream(path) as f:
+            return f.read().decode()
+
+    def write_text(self, path: str, text: str) -> None:
+        self.filesystem.create_dir(posixpath.dirname(path) if self.remote else str(Path(path).parent), recursive=True)
+        with self.filesystem.open_output_stream(path) as f:
+            f.write(text.encode())
+
+    def makedirs(self, path: str) -> None:
+        self.filesystem.create_dir(path, recursive=True)
+
+    # --- runs and checkpoints ----------------------------------------------------------------
+    def unique_run_name(self, name: str) -> str:
+        """``name``, or ``name-2``, ``name-3``, ... if a run of that name already exists here."""
+        if not self.exists(self.path(name)):
+            return name
+        i = 2
+        while self.exists(self.path(f"{name}-{i}")):
+            i += 1
+        return f"{name}-{i}"
+
+    def checkpoints(self, run_name: str) -> list[tuple[TrainState, str]]:
+        """The complete checkpoints of a run (those holding ``train_state.json``), oldest step first."""
+        run_dir = self.path(run_name)
+        if not self.is_dir(run_dir):
+            return []
+        found = []
+        for info in self.filesystem.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True)):
+            if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+                continue
+            state_file = _join(info.path, TRAIN_STATE, remote=self.remote)
+            if not self.exists(state_file):
+                continue  # a checkpoint still being written, or one from a crashed report
+            found.append((TrainState(**json.loads(self.read_text(state_file))), info.path))
+        return sorted(found, key=lambda sp: sp[0].step)
+
+    def latest_checkpoint(self, run_name: str) -> tuple[TrainState, str] | None:
+        """The checkpoint of a run with the highest step, with its train state (None: no checkpoint yet)."""
+        found = self.checkpoints(run_name)
+        return found[-1] if found else None
+
+    def read_train_state(self, checkpoint_path: str) -> TrainState:
+        path = _join(checkpoint_path, TRAIN_STATE, remote=self.remote)
+        if not self.exists(path):
+            raise FileNotFoundError(f"{self.uri_of(path)} is missing: not a ray-pretrain checkpoint")
+        return TrainState(**json.loads(self.read_text(path)))
+
+    def download(self, path: str, dest: str | Path, *, files: Sequence[str] | None = None) -> Path:
+        """Copy a folder (all of it, or only ``files`` from its top level) to the local folder ``dest``."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        if files is None:
+            pafs.copy_files(path, str(dest), source_filesystem=self.filesystem,
+                            destination_filesystem=pafs.LocalFileSystem())
+            return dest
+        for name in files:
+            src = _join(path, name, remote=self.remote)
+            if not self.exists(src):
+                raise FileNotFoundError(f"{self.uri_of(src)} is missing")
+            pafs.copy_files(src, str(dest / name), source_filesystem=self.filesystem,
+                            destination_filesystem=pafs.LocalFileSystem())
+        return dest
+
+    @contextlib.contextmanager
+    def local_checkpoint(self, path: str, *, files: Sequence[str] | None = EXPORT_FILES) -> Iterator[Path]:
+        """A local folder with the checkpoint's ``files``: the folder itself when local, else a download
+        into a temporary folder removed on exit. By default only the export files the registry needs:
+        the DeepSpeed optimizer state (~12 bytes per parameter) stays in the store."""
+        if not self.remote:
+            yield Path(path)
+            return
+        with tempfile.TemporaryDirectory(prefix="rpt-ckpt-") as tmp:
+            yield self.download(path, tmp, files=files)
+
+
+def _join(path: str, name: str, *, remote: bool) -> str:
+    return posixpath.join(path, name) if remote else str(Path(path, name))
+
+
+def resolve_storage(storage_path: str, *, create: bool = True) -> Storage:
+    """Resolve a config's ``storage_path`` (local path, ``file://``, ``s3://bucket/prefix?options``).
+
+    Local paths become absolute (Ray workers run in other working directories) and are created;
+    for S3 the bucket must exist (it is checked here, so a typo fails on the driver, not in a worker).
+    Other URI schemes (``gs://``, ``hdfs://``, ``abfs://``) go through ``pyarrow.fs.FileSystem.from_uri``.
+    """
+    if storage_path.startswith("file://"):
+        storage_path = urlsplit(storage_path).path
+    if not is_uri(storage_path):
+        root = Path(storage_path).expanduser().resolve()
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
+        return Storage(uri=str(root), root=str(root), filesystem=pafs.LocalFileSystem(), remote=False)
+
+    parts = urlsplit(storage_path)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    bare = f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/")
+    if parts.scheme in ("s3", "s3a"):
+        if not parts.netloc:
+            raise StorageError(f"storage_path={storage_path!r}: no bucket; expected s3://BUCKET/PREFIX")
+        fs = s3_filesystem(query)
+        root = f"{parts.netloc}{parts.path}".rstrip("/")
+        bare = f"s3://{root}"
+    else:
+        try:
+            fs, root = pafs.FileSystem.from_uri(storage_path)
+        except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise StorageError(f"storage_path={storage_path!r}: {e}") from None
+    storage = Storage(uri=bare, root=root, filesystem=fs, remote=True)
+    if create:
+        bucket = root.split("/", 1)[0]
+        try:
+            info = fs.get_file_info(bucket)
+        except OSError as e:
+            raise StorageError(
+                f"storage_path={bare!r}: cannot reach the store ({e}). Check the endpoint (endpoint_override or "
+                "AWS_ENDPOINT_URL) and the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+            ) from None
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"storage_path={bare!r}: bucket {bucket!r} does not exist; create it first")
+    return storage

@@ -1,0 +1,112 @@
+"""Self-distillation for further pre-training: the base objective plus a pull toward a frozen teacher."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from objectives import functional as F
+from objectives.base import TokenObjective
+from objectives.registry import get, register
+
+log = logging.getLogger(__name__)
+
+
+@register("self_distillation")
+class SelfDistillation(TokenObjective):
+    """Lee et al., "Self-Distillation for Further Pre-training of Transformers", arXiv 2210.02871.
+
+    Recipe: (1) further pre-train the initial model on the target data (e.g. ``mlm``) and export it
+    (a checkpoint folder or ``rpt models pull NAME@ALIAS DIR``: ``model.safetensors`` +
+    ``model_config.json``); (2) start the student from the *initial* model again
+    (``trainer.init_from``) and train it with ``base`` (``mlm`` as in the paper, or ``causal_lm``) plus
+    ``weight`` times the mean squared distance between its final hidden states and the teacher's on
+    the same (corrupted) input (eq. 3; ``normalize`` compares unit vectors). The teacher is frozen: eval
+    mode, no gradient, never seen by the optimizer; it is loaded on the CPU in ``setup`` and moved to the
+    student's device (and dtype) on the first batch. It must share the student's tokenizer and width.
+
+    Metrics: the base objective's, plus ``distance`` (the unweighted hidden-state term).
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        teacher: str = Field(description="export folder of the teacher (model.safetensors + model_config.json)")
+        base: Literal["mlm", "causal_lm"] = Field("mlm", description="the student's own objective")
+        base_params: dict[str, Any] = Field(default_factory=dict, description="parameters of the base objective")
+        weight: float = Field(1.0, ge=0.0, description="weight of the hidden-state distance")
+        normalize: bool = Field(False, description="compare L2-normalised hidden states")
+
+        @model_validator(mode="after")
+        def _base(self):
+            try:
+                get(self.base, **self.base_params)
+            except ValueError as e:
+                raise ValueError(f"base_params: {e}") from None
+            return self
+
+    def __init__(self, params: Params):
+        super().__init__(params)
+        self.base = get(params.base, **params.base_params)
+        self.teacher: torch.nn.Module | None = None
+
+    def required_special_tokens(self) -> list[str]:
+        return list(self.base.required_special_tokens())
+
+    def setup(self, *, special_tokens: dict[str, int], vocab_size: int) -> None:
+        super().setup(special_tokens=special_tokens, vocab_size=vocab_size)
+        self.base.setup(special_tokens=special_tokens, vocab_size=vocab_size)
+        self.teacher = self.load_teacher()
+        if self.teacher.cfg.vocab_size != vocab_size:
+            raise ValueError(
+                f"objective.teacher={self.params.teacher!r} has vocab_size {self.teacher.cfg.vocab_size}, the "
+                f"data's tokenizer {vocab_size}: the teacher must be trained on the same tokenizer"
+            )
+
+    def load_teacher(self) -> torch.nn.Module:
+        from models.io import CONFIG_NAME, WEIGHTS_NAME, load_pretrained
+
+        path = Path(self.params.teacher)
+        if not (path / WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(
+                f"objective.teacher={self.params.teacher!r} holds no {WEIGHTS_NAME} + {CONFIG_NAME}; point it at "
+                "a checkpoint folder of the teacher's run or at `rpt models pull NAME@ALIAS DIR`'s DIR"
+            )
+        teacher, _ = load_pretrained(path)
+        teacher.requires_grad_(False)
+        return teacher.eval()
+
+    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
+        return self.base.prepare(batch, generator)
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {**self.base.model_inputs(batch), "return_hidden": True}
+
+    def _teacher_on(self, like: torch.Tensor) -> torch.nn.Module:
+        if self.teacher is None:  # setup() was not called (a user's own loop)
+            self.teacher = self.load_teacher()
+        p = next(self.teacher.parameters())
+        if p.device != like.device or p.dtype != like.dtype:
+            self.teacher.to(device=like.device, dtype=like.dtype)
+        return self.teacher
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        inputs = self.model_inputs(batch)
+        logits, hidden = model(**inputs)  # (B, T, V), (B, T, C)
+        teacher = self._teacher_on(hidden)
+        with torch.no_grad():
+            _, teacher_hidden = teacher(**inputs)  # (B, T, C)
+        return self.loss_from_hidden(logits, hidden, teacher_hidden, batch)
+
+    def loss_from_hidden(
+        self, logits: torch.Tensor, hidden: torch.Tensor, teacher_hidden: torch.Tensor, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict]:
+        base_loss, metrics = self.base.loss_from_logits(logits, batch)
+        distance = F.hidden_mse(hidden, teacher_hidden, normalize=self.params.normalize)
+        return base_loss + self.params.weight * distance, {**metrics, "distance": distance.detach()}
+
+    def loss_from_logits(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        raise TypeError("self_distillation needs hidden states: call loss(model, batch)")

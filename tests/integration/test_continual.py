@@ -1,0 +1,178 @@
+"""Continual pre-training over 3 tasks and the Ray Tune schedule comparison, on real local Ray + MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.continual import load_continual, run_continual
+from trainers import schedules
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+PEAK = 3e-3
+
+
+@pytest.fixture(scope="module")
+def cl_data(ray_session, tmp_path_factory) -> Path:
+    """Three tiny tasks (prose, code, C) sharing task 0's tokenizer."""
+    from cluster.continual import prepare_tasks
+
+    root = tmp_path_factory.mktemp("cl-data")
+    prepare_tasks(load_continual(REPO / "configs/continual-debug.yaml", data_overrides(root)))
+    return root
+
+
+def data_overrides(root: Path) -> list[str]:
+    docs = {"prose": 60, "code": 12, "c": 30}
+    out = []
+    for i, name in enumerate(("prose", "code", "c")):
+        out += [f"tasks.{i}.data.path={root / name}", f"tasks.{i}.data.prepare.max_documents={docs[name]}"]
+    return out
+
+
+def cl_config(root: Path, tmp: Path, *extra: str):
+    return load_continual(REPO / "configs/continual-debug.yaml", [
+        *data_overrides(root), f"storage_path={tmp / 'results'}", f"tracking.artifact_root={tmp / 'art'}",
+        "trainer.log_every=1", "trainer.eval_every=100", *extra,
+    ])
+
+
+def lr_by_step(uri: str, run_ids: list[str]) -> dict[int, float]:
+    import mlflow
+
+    c = mlflow.MlflowClient(uri)
+    return {m.step: m.value for r in run_ids for m in c.get_metric_history(r, "lr")}
+
+
+@pytest.fixture(scope="module")
+def infinite_run(cl_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cl-inf")
+    uri = f"sqlite:///{tmp / 'mlruns.db'}"
+    cfg = cl_config(cl_data, tmp, "tasks.0.steps=8", "tasks.1.steps=8", "tasks.2.steps=8", "anneal_steps=3",
+                    "schedule.cooldown_steps=4", "name=cl-inf", "tracking.registered_model=cl-inf")
+    return cfg, run_continual(cfg, tracking_uri=uri), uri
+
+
+def test_infinite_sequence_registers_tasks_and_continues_step_and_lr(infinite_run):
+    import mlflow
+
+    from cluster.registry import load_model
+
+    cfg, res, uri = infinite_run
+    assert res["tasks"] == ["prose", "code", "c"]
+    L = np.array(res["L"])
+    assert L.shape == (3, 3) and np.all(np.isfinite(L)) and np.array(res["L_annealed"]).shape == (3, 3)
+    # the next task starts at the previous task's global step, with the same (un-rewarmed) LR function
+    assert [r["step"] for r in res["runs"]] == [8, 16, 24]
+    f = schedules.get("infinite", **cfg.schedule_params())
+    lrs = lr_by_step(uri, [r["run_id"] for r in res["runs"]])
+    assert sorted(lrs) == list(range(1, 25))
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(PEAK * f(step), rel=1e-9), step
+    assert lrs[16] == pytest.approx(PEAK * 0.5) and lrs[24] == pytest.approx(PEAK * 0.5)  # η_const across tasks
+    # task models and annealed branches are registered and load by alias
+    client = mlflow.MlflowClient(uri)
+    for i, run in enumerate(res["runs"]):
+        assert client.get_model_version_by_alias("cl-inf", f"task-{i}").run_id == run["run_id"]
+        assert client.get_model_version_by_alias("cl-inf", f"task-{i}-annealed").run_id == run["annealed_run_id"]
+        ann_lr = lr_by_step(uri, [run["annealed_run_id"]])
+        assert ann_lr[run["step"] + 3] == pytest.approx(PEAK * 0.1)  # annealed to η_min
+    model, tok = load_model("models:/cl-inf@task-2", tracking_uri=uri)
+    assert tok.get_vocab_size() == 1024 and model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 1024)
+    # L and the summary are logged on the sequence run
+    seq = client.get_run(res["run_id"])
+    assert seq.data.metrics["cl/final_avg_loss"] == pytest.approx(L[-1].mean())
+    children = client.search_runs([seq.info.experiment_id], f"tags.mlflow.parentRunId = '{res['run_id']}'")
+    assert len(children) == 6  # 3 tasks + 3 anneal branches
+
+
+def test_cosine_rewarm_from_registered_model_with_replay(infinite_run, cl_data, tmp_path):
+    import mlflow
+
+    from cluster.registry import load_model
+    from data.stream import load_shards, pieces_row_ids, rank_pieces
+
+    _, _, uri = infinite_run
+    audit = tmp_path / "audit"
+    cfg = cl_config(
+        cl_data, tmp_path, "name=cl-rw", "tracking.registered_model=cl-rw", "anneal_steps=0", "start=models:/cl-inf@task-0",
+        "schedule={name: cosine_rewarm, warmup_steps: 2, min_ratio: 0.1}", "tasks.0.steps=6", "tasks.1.steps=6",
+        "tasks.2.steps=1", f"trainer.audit_dir={audit}", "trainer.eval_every=100",
+    )
+    res = run_continual(cfg, tracking_uri=uri)
+    f = schedules.get("cosine_rewarm", warmup_steps=2, min_ratio=0.1, task_steps=[6, 6, 1])
+    lrs = lr_by_step(uri, [r["run_id"] for r in res["runs"]])
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(PEAK * f(step), rel=1e-9), step
+    assert lrs[6] == pytest.approx(PEAK * 0.1) and lrs[8] == pytest.approx(PEAK)  # re-warmed after the boundary
+
+    # started from the registered model's weights: the step-0 val loss equals the registered model's own
+    model, _ = load_model("models:/cl-inf@task-0", tracking_uri=uri)
+    import pyarrow.parquet as pq
+
+    rows = torch.cat([
+        torch.from_numpy(np.stack(pq.read_table(s.path).column("tokens").to_numpy(zero_copy_only=False)))
+        for s in load_shards(cl_data / "prose", "val")
+    ])[:64]
+    with torch.no_grad():
+        logits = model(rows[:, :-1].long())
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1).long())
+    hist = mlflow.MlflowClient(uri).get_metric_history(res["runs"][0]["run_id"], "val/loss")
+    assert {m.step: m.value for m in hist}[0] == pytest.approx(ref.item(), rel=1e-5)
+
+    # replay: 2 of every 8 rows come from the earlier task, in the planned order
+    rep = np.concatenate([np.load(p) for p in sorted(audit.glob("replay-rank0-step*.npy"))])
+    new = np.concatenate([np.load(p) for p in sorted(audit.glob("rank0-step*.npy"))])
+    assert len(rep) == 6 * 2 + 1 * 2 and len(new) == (6 + 6 + 1) * 8 - len(rep)
+    expected = pieces_row_ids(rank_pieces(load_shards(cl_data / "prose", "train"), world_size=1, rank=0,
+                                          seed=cfg.seed + 1000 + 1, start=0, count=12))
+    np.testing.assert_array_equal(rep[:12], expected)
+
+
+def test_tune_comparison_two_schedules_two_seeds(cl_data, tmp_path):
+    import mlflow
+
+    from cluster.tune import load_tune, run_tune
+
+    cont = tmp_path / "continual.yaml"
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs/continual-debug.yaml").read_text())
+    for i, name in enumerate(("prose", "code", "c")):
+        raw["tasks"][i]["data"]["path"] = str(cl_data / name)
+        raw["tasks"][i]["steps"] = 4
+    raw["tasks"] = raw["tasks"][:2]
+    raw["anneal_steps"] = 2
+    raw["trainer"]["eval_every"] = 100
+    raw["tracking"]["artifact_root"] = str(tmp_path / "art")
+    cont.write_text(yaml.safe_dump(raw))
+    tune_cfg = tmp_path / "tune.yaml"
+    raw_t = yaml.safe_load((REPO / "configs/tune-debug.yaml").read_text())
+    raw_t.update(continual=str(cont), storage_path=str(tmp_path / "tune"), name="cmp")
+    raw_t["schedules"]["infinite"]["cooldown_steps"] = 2
+    raw_t["grid"]["seed"] = [0, 1]
+    tune_cfg.write_text(yaml.safe_dump(raw_t))
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    report = run_tune(load_tune(tune_cfg), tracking_uri=uri)
+
+    agg = report["aggregate"]
+    assert set(agg) == {"cosine_rewarm", "infinite"} and all(a["n"] == 2 and a["seeds"] == [0, 1] for a in agg.values())
+    assert "| cosine_rewarm | 2 |" in report["table"] and "annealed" in report["table"]
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(report["parent_run_id"])
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "report.json", "loss_matrix.png", "val_curves.png", "lr_curves.png"} <= arts
+    trials = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(trials) == 4
+    for t in trials:  # each trial run has its task runs below it
+        kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{t.info.run_id}'")
+        assert len(kids) == (4 if t.data.tags["rpt.schedule"] == "infinite" else 2)
+    # Tune wrote TensorBoard event files for the dashboards
+    assert list(Path(report["tune_dir"]).rglob("events.out.tfevents*"))
+    trial_results = list(Path(report["tune_dir"]).rglob("continual_result.json"))
+    assert len(trial_results) == 4 and all("L" in json.loads(p.read_text()) for p in trial_results)

@@ -1,0 +1,67 @@
+"""Continual configs: per-task run configs, replay ratio, schedule continuity across task boundaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError
+from cluster.continual import load_continual
+from cluster.train import replay_rows_per_micro
+from data.stream import Shard, pieces_row_ids, rank_pieces
+from trainers import schedules
+
+REPO = Path(__file__).resolve().parents[2]
+CFG = REPO / "configs/continual-debug.yaml"
+
+
+def test_task_configs_chain_steps_replay_and_eval_sets():
+    cfg = load_continual(CFG)
+    t0, t1 = cfg.task_config(0, previous_checkpoint=None), cfg.task_config(1, previous_checkpoint="/ck")
+    assert (t0.trainer.max_steps, t1.trainer.max_steps) == (30, 60)
+    assert t1.trainer.resume_from == "/ck" and t1.trainer.resume_data_position is False
+    assert t0.data.replay is None and t1.data.replay.paths == [cfg.tasks[0].data.path]
+    assert set(t1.data.eval_sets) == {"prose", "code", "c"}
+    assert t0.schedule_params() == t1.schedule_params()  # one schedule spans the sequence
+    assert t1.tracking.alias == "task-1"
+
+
+@pytest.mark.parametrize(("fraction", "mb", "rows"), [(0.25, 8, 2), (0.05, 20, 1), (0.5, 16, 8), (0.3, 8, 2)])
+def test_replay_rows_per_micro_batch(fraction, mb, rows):
+    cfg = load_continual(CFG, [f"trainer.micro_batch_size={mb}", f"tasks.1.replay_fraction={fraction}"])
+    assert replay_rows_per_micro(cfg.task_config(1, previous_checkpoint="x")) == rows
+
+
+def test_replay_fraction_too_small_for_micro_batch():
+    cfg = load_continual(CFG, ["trainer.micro_batch_size=4", "tasks.1.replay_fraction=0.05"])
+    with pytest.raises(ConfigError, match="rounds to 0 rows"):
+        replay_rows_per_micro(cfg.task_config(1, previous_checkpoint="x"))
+
+
+def test_replay_stream_is_deterministic_per_seed():
+    shards = [Shard("a", 50, 0), Shard("b", 30, 50)]
+    a = pieces_row_ids(rank_pieces(shards, world_size=1, rank=0, seed=1001, start=0, count=100))
+    b = pieces_row_ids(rank_pieces(shards, world_size=1, rank=0, seed=1001, start=0, count=100))
+    c = pieces_row_ids(rank_pieces(shards, world_size=1, rank=0, seed=1002, start=0, count=100))
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_schedule_continuity_across_task_boundaries():
+    cfg = load_continual(CFG)
+    inf = schedules.get("infinite", **cfg.schedule_params())
+    for b in (30, 60):  # infinite: flat at η_const across boundaries, no re-warming
+        assert inf(b - 1) == inf(b) == inf(b + 1) == pytest.approx(0.5)
+    rw = schedules.get("cosine_rewarm", warmup_steps=3, min_ratio=0.1, task_steps=cfg.task_steps)
+    for b in (30, 60):  # repeated cosine: decays to η_min at the boundary, then re-warms
+        assert rw(b) == pytest.approx(0.1) and rw(b + 3) == pytest.approx(1.0)
+        assert abs(rw(b) - rw(b - 1)) < 0.01
+
+
+def test_bad_continual_configs():
+    with pytest.raises(ConfigError, match="not an earlier task"):
+        load_continual(CFG, ["tasks.1.replay_tasks=[c]"])
+    with pytest.raises(ConfigError, match="needs schedule.name: infinite"):
+        load_continual(CFG, ["schedule={name: cosine_rewarm, warmup_steps: 3, min_ratio: 0.1}"])
+    with pytest.raises(ConfigError, match="not an index"):
+        load_continual(CFG, ["tasks.7.steps=3"])
