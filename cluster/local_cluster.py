@@ -220,7 +220,7 @@ def up(
     try:
         cluster.nodes.append(_start_node(cluster, "head", head + common, num_cpus_head))
         cluster.save()
-        _wait(lambda: _get_json(f"{cluster.dashboard_url}/api/version"), cluster, "the head's dashboard", timeout_s)
+        _wait(lambda: _get_json(f"{cluster.dashboard_url}/api/version") is not None, cluster, "the head's dashboard", timeout_s)
         worker = [
             f"--address={cluster.gcs_address}",
             f"--dashboard-agent-listen-port={_free_port()}",
@@ -231,7 +231,7 @@ def up(
         cluster.save()
         _wait(lambda: _alive_nodes(cluster.dashboard_url) >= 2 or None, cluster, "the worker node", timeout_s)
         # The Jobs API answers once the job module is loaded (it can lag the version endpoint).
-        _wait(lambda: _get_json(f"{cluster.dashboard_url}/api/jobs/"), cluster, "the Jobs API", timeout_s)
+        _wait(lambda: _get_json(f"{cluster.dashboard_url}/api/jobs/") is not None, cluster, "the Jobs API", timeout_s)
     except BaseException:
         _stop(cluster, timeout_s=30)
         raise

@@ -156,7 +156,9 @@ def build_rank_dataset(shards: list[Shard], pieces: list[Piece], columns: list[s
     for paths, rng in segments:
         ds = ray.data.read_parquet(paths, columns=columns)
         if rng is not None:
-            ds = ds.map_batches(_RangeFilter(*rng), batch_format="numpy", batch_size=None, zero_copy_batch=True)
+            # pyarrow in and out: the tokens column keeps its fixed_size_list type, so blocks of
+            # filtered and unfiltered segments concatenate into one batch
+            ds = ds.map_batches(_RangeFilter(*rng), batch_format="pyarrow", batch_size=None)
         parts.append(ds)
     out = parts[0]
     return out.union(*parts[1:]) if len(parts) > 1 else out
@@ -168,10 +170,11 @@ class _RangeFilter:
     def __init__(self, lo: int, hi: int):
         self.lo, self.hi = lo, hi
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = batch["row_id"]
-        keep = (ids >= self.lo) & (ids < self.hi)
-        return {k: v[keep] for k, v in batch.items()}
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        ids = batch.column("row_id").to_numpy()
+        return batch.filter(pa.array((ids >= self.lo) & (ids < self.hi)))
 
 
 @dataclass(frozen=True)

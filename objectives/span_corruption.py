@@ -27,7 +27,7 @@ def denoising_attention(batch: dict[str, Any]) -> dict[str, Any]:
     ids = batch["input_ids"]
     prefix = batch["prefix_len"]
     T = ids.shape[1]
-    if batch.get("uniform_prefix", False):
+    if "uniform_prefix" in batch:
         mask = prefix_lm_mask(int(batch["uniform_prefix"]), T, device=ids.device)  # (1, 1, T, T)
     else:
         mask = prefix_lm_mask(prefix, T, device=ids.device)  # (B, 1, T, T)

@@ -102,10 +102,10 @@ def test_cosine_rewarm_from_registered_model_with_replay(infinite_run, cl_data, 
     cfg = cl_config(
         cl_data, tmp_path, "name=cl-rw", "tracking.registered_model=cl-rw", "anneal_steps=0", "start=models:/cl-inf@task-0",
         "schedule={name: cosine_rewarm, warmup_steps: 2, min_ratio: 0.1}", "tasks.0.steps=6", "tasks.1.steps=6",
-        "tasks.2.steps=1", f"trainer.audit_dir={audit}", "trainer.eval_every=100",
+        "tasks.2.steps=3", f"trainer.audit_dir={audit}", "trainer.eval_every=100",
     )
     res = run_continual(cfg, tracking_uri=uri)
-    f = schedules.get("cosine_rewarm", warmup_steps=2, min_ratio=0.1, task_steps=[6, 6, 1])
+    f = schedules.get("cosine_rewarm", warmup_steps=2, min_ratio=0.1, task_steps=[6, 6, 3])
     lrs = lr_by_step(uri, [r["run_id"] for r in res["runs"]])
     for step, lr in lrs.items():
         assert lr == pytest.approx(PEAK * f(step), rel=1e-9), step
@@ -128,7 +128,7 @@ def test_cosine_rewarm_from_registered_model_with_replay(infinite_run, cl_data, 
     # replay: 2 of every 8 rows come from the earlier task, in the planned order
     rep = np.concatenate([np.load(p) for p in sorted(audit.glob("replay-rank0-step*.npy"))])
     new = np.concatenate([np.load(p) for p in sorted(audit.glob("rank0-step*.npy"))])
-    assert len(rep) == 6 * 2 + 1 * 2 and len(new) == (6 + 6 + 1) * 8 - len(rep)
+    assert len(rep) == 6 * 2 + 3 * 2 and len(new) == (6 + 6 + 3) * 8 - len(rep)
     expected = pieces_row_ids(rank_pieces(load_shards(cl_data / "prose", "train"), world_size=1, rank=0,
                                           seed=cfg.seed + 1000 + 1, start=0, count=12))
     np.testing.assert_array_equal(rep[:12], expected)

@@ -98,10 +98,12 @@ def test_ul2_trains_and_logs_every_denoiser(objective_data, tmp_path, module_tra
 
 def test_self_distillation_trains_toward_the_mlm_teacher(mlm_run, objective_data, tmp_path, module_tracking):
     teacher = mlm_run[0].checkpoint
-    _, _, keys = train_and_check(
+    out, client, keys = train_and_check(
         "self_distillation", objective_data, tmp_path, module_tracking, f"objective.teacher={teacher}"
     )
     assert {"train/ce", "train/distance"} <= keys
+    distance = client.get_metric_history(out.mlflow_run_id, "train/distance")
+    assert distance[-1].value < distance[0].value  # the student's hidden states approach the teacher's
 
 
 def test_missing_special_tokens_fail_on_the_driver(objective_data, tmp_path):
