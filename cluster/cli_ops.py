@@ -111,7 +111,7 @@ def submit(
     except jobs.JobError as e:
         _fail(e)
     if dry_run:
-        console.print(repr(sub), highlight=False, markup=False)
+        typer.echo(repr(sub))
         return
     addr = _address(address)
     try:
@@ -137,12 +137,11 @@ def jobs_list(address: str | None = ADDRESS, as_json: bool = typer.Option(False,
         rows = jobs.list_jobs(_address(address))
     except jobs.JobError as e:
         _fail(e)
-    if as_json:
-        console.print_json(json.dumps(rows))
+    if as_json:  # plain: rich would wrap long strings at the console width
+        typer.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        console.print(f"{r['submission_id'] or r['job_id']:<48} {r['status']:<10} {r['entrypoint'] or ''}",
-                      highlight=False, markup=False)
+        typer.echo(f"{r['submission_id'] or r['job_id']:<48} {r['status']:<10} {r['entrypoint'] or ''}")
 
 
 @jobs_app.command("logs")
@@ -158,7 +157,7 @@ def jobs_logs(
     try:
         if follow:
             raise typer.Exit(jobs.exit_code(jobs.follow(addr, job_id)))
-        console.print(jobs.job_logs(addr, job_id), highlight=False, markup=False, end="")
+        typer.echo(jobs.job_logs(addr, job_id), nl=False)
     except jobs.JobError as e:
         _fail(e)
 
@@ -183,8 +182,8 @@ def jobs_stop(job_id: str, address: str | None = ADDRESS) -> None:
 
 @cluster_app.command("up")
 def cluster_up(
-    num_cpus_head: float = typer.Option(1, help="logical CPUs of the head (job drivers run there)"),
-    num_cpus_worker: float = typer.Option(4, help="logical CPUs of the worker node (train workers, Ray Data)"),
+    num_cpus_head: int = typer.Option(1, help="logical CPUs of the head (job drivers run there)"),
+    num_cpus_worker: int = typer.Option(4, help="logical CPUs of the worker node (train workers, Ray Data)"),
     dashboard_port: int | None = typer.Option(None, help="default: a free port"),
     object_store_mb: int = typer.Option(256, help="object store per node"),
     state_dir: str | None = STATE_DIR,
@@ -210,7 +209,7 @@ def cluster_status(state_dir: str | None = STATE_DIR) -> None:
     from cluster import local_cluster
 
     st = local_cluster.status(_state_dir(state_dir))
-    console.print_json(json.dumps(st))
+    typer.echo(json.dumps(st, indent=2))
     raise typer.Exit(0 if st["running"] else 1)
 
 

@@ -33,7 +33,7 @@ COMMANDS = ("train", "tune", "continual")
 # these hold even in a checkout without them.
 EXCLUDES = [
     ".venv/", "venv/", ".git/", "**/__pycache__/", "*.pyc", ".pytest_cache/", ".ruff_cache/", "*.egg-info/",
-    "data/prepared/", "results/", "mlartifacts/", "mlruns/", "*.db", "benchmarks/results/", "artifacts/",
+    "data/prepared/", "results/", "mlartifacts/", "mlruns/", "*.db", "benchmarks/results/", "artifacts/", "k8s/schemas/",
 ]
 # Passed through when set in the submitter's environment.
 PASSTHROUGH_NAMES = (

@@ -51,7 +51,7 @@ class NodeProcess:
     role: str  # "head" | "worker"
     pid: int  # the `ray start --block` process; leader of its own session
     log: str
-    num_cpus: float
+    num_cpus: int
 
 
 @dataclass
@@ -164,8 +164,8 @@ def _alive_nodes(dashboard_url: str) -> int:
 
 def up(
     *,
-    num_cpus_head: float = 1,
-    num_cpus_worker: float = 4,
+    num_cpus_head: int = 1,
+    num_cpus_worker: int = 4,
     dashboard_port: int | None = None,
     state_dir: str | Path = DEFAULT_STATE_DIR,
     object_store_mb: int = 256,
@@ -239,7 +239,7 @@ def up(
     return cluster
 
 
-def _start_node(cluster: LocalCluster, role: str, args: list[str], num_cpus: float) -> NodeProcess:
+def _start_node(cluster: LocalCluster, role: str, args: list[str], num_cpus: int) -> NodeProcess:
     log_path = Path(cluster.state_dir, f"{role}.log")
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(

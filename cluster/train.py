@@ -83,6 +83,13 @@ def check_data(cfg: RunConfig) -> DataCheck:
             f"data.path={cfg.data.path!r} lacks (it has {sorted(manifest.tokenizer.special_tokens)}); prepare "
             f"the data with data.prepare.special_tokens including them"
         )
+    teacher = cfg.objective.params.get("teacher")
+    if teacher:  # self-distillation: the frozen teacher must exist and share the tokenizer, checked before Ray
+        tcfg = Path(teacher, "model_config.json")
+        if not tcfg.is_file():
+            raise ConfigError(f"objective.teacher={teacher!r} holds no model_config.json (an export or checkpoint folder)")
+        if json.loads(tcfg.read_text()).get("vocab_size") != vocab:
+            raise ConfigError(f"objective.teacher={teacher!r} has another vocab_size than the data's tokenizer ({vocab})")
     if cfg.trainer.init_from:
         init_cfg = Path(cfg.trainer.init_from, "model_config.json")
         if not init_cfg.is_file():

@@ -29,8 +29,8 @@ _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision's rgb_to
 
 
 class AugmentConfig(BaseModel):
-    """Augmentation parameters; the defaults are SimCLR's ImageNet settings (colour strength 1 → 0.8/0.8/0.8
-    is SimCLR's; 0.4 is the common CIFAR choice used here)."""
+    """Augmentation parameters. Defaults: SimCLR's recipe with colour-jitter strength 0.5 (0.4 for brightness,
+    contrast and saturation, the usual choice for small images; SimCLR's ImageNet strength 1.0 is 0.8)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -141,15 +141,13 @@ def color_jitter(
     b = _rand(generator, B, dev, 1 - brightness, 1 + brightness).view(B, 1, 1, 1)
     c = _rand(generator, B, dev, 1 - contrast, 1 + contrast).view(B, 1, 1, 1)
     s = _rand(generator, B, dev, 1 - saturation, 1 + saturation).view(B, 1, 1, 1)
-    one = torch.ones_like(b)
-    b, c, s = torch.where(apply, b, one), torch.where(apply, c, one), torch.where(apply, s, one)
-    x = (x * b).clamp(0, 1)
-    m = _gray(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-    x = ((x - m) * c + m).clamp(0, 1)
-    if x.shape[1] == 3:
-        g = _gray(x)
-        x = ((x - g) * s + g).clamp(0, 1)
-    return x
+    y = (x * b).clamp(0, 1)
+    m = _gray(y).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    y = ((y - m) * c + m).clamp(0, 1)
+    if y.shape[1] == 3:
+        g = _gray(y)
+        y = ((y - g) * s + g).clamp(0, 1)
+    return torch.where(apply, y, x)
 
 
 def random_grayscale(x: torch.Tensor, generator: torch.Generator, *, p: float) -> torch.Tensor:

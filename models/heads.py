@@ -2,7 +2,8 @@
 
 - :class:`ProjectionHead`: the MLP projector of SimCLR (Chen et al., arXiv 2002.05709, 2 layers) and
   Barlow Twins (Zbontar et al., arXiv 2103.03230, 3 layers): Linear -> BatchNorm -> ReLU, repeated, then a
-  final Linear. BatchNorm statistics are per data-parallel rank (no SyncBatchNorm).
+  final Linear. BatchNorm statistics are per data-parallel rank (no SyncBatchNorm), kept in float32
+  under DeepSpeed's bf16 mode (:class:`BatchNorm1d`).
 - :class:`MultiHeadProjector`: C independent projection heads of the same shape (AMCL, arXiv 2310.05615).
 - :class:`PairTemperature`: AMCL's shared temperature network: τ(a, b) = τ_min + (τ_max − τ_min) ·
   sigmoid(−⟨φ(a), φ(b)⟩) with φ a 2-layer MLP (the form in the authors' released code).
@@ -15,7 +16,27 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` computed in the dtype of its running statistics.
+
+    DeepSpeed's bf16/fp16 mode casts parameters but keeps buffers in float32, and the stock module then
+    fails on mixed dtypes; here input, weight and bias follow the buffers (float32 under DeepSpeed, so the
+    batch statistics are also accumulated in float32), and the output returns to the input's dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
+        w = self.weight.to(dtype) if self.weight is not None else None
+        b = self.bias.to(dtype) if self.bias is not None else None
+        use_batch_stats = self.training or self.running_mean is None
+        y = F.batch_norm(
+            x.to(dtype), self.running_mean, self.running_var, w, b, use_batch_stats, self.momentum, self.eps
+        )
+        return y.to(x.dtype)
 
 
 class ProjectionHead(nn.Module):
@@ -30,7 +51,7 @@ class ProjectionHead(nn.Module):
         for _ in range(n_layers - 1):
             layers.append(nn.Linear(width, hidden_dim, bias=not batch_norm))
             if batch_norm:
-                layers.append(nn.BatchNorm1d(hidden_dim))
+                layers.append(BatchNorm1d(hidden_dim))
             layers.append(nn.ReLU(inplace=True))
             width = hidden_dim
         layers.append(nn.Linear(width, out_dim))
@@ -95,7 +116,9 @@ class LogitScale(nn.Module):
         if not 0 < init <= max_scale:
             raise ValueError(f"logit scale init={init} must be in (0, max_scale={max_scale}]")
         self.max_scale = float(max_scale)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+        # shape (1,), not 0-dim: DeepSpeed broadcasts parameters as byte views, impossible for 0-dim tensors
+        self.log_scale = nn.Parameter(torch.tensor([math.log(init)]))
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.float().exp().clamp(max=self.max_scale)
+        """The scale as a 0-dim float32 tensor."""
+        return self.log_scale.float().exp().clamp(max=self.max_scale)[0]

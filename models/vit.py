@@ -357,7 +357,7 @@ class ViTEncoder(nn.Module):
 
 
 class MAEDecoder(nn.Module):
-    """The masked-autoencoder decoder (He et al., arXiv 2111.06377, section 3).
+    """The masked-autoencoder decoder (He et al., arXiv 2111.06377).
 
     ``forward(latent, ids_restore)``: project the encoder tokens (B, prefix + K, D_enc) to the decoder
     width, append L − K shared mask tokens, unshuffle to the original patch order with ``ids_restore``

@@ -125,7 +125,9 @@ class UL2(TokenObjective):
         p = self.params
         pad = self._ids([st.PAD_TOKEN])[0]
         sentinels = self._ids(st.sentinel_tokens(p.num_sentinels)) if self._uses_sentinels() else []
-        modes = self._ids([st.MODE_TOKENS[k] for k in KINDS]) if p.mode_tokens else []
+        used = {d.kind for d in self.active}
+        # one slot per paradigm (indexed by KINDS); paradigms not in use need no token in the tokenizer
+        modes = [self._ids([st.MODE_TOKENS[k]])[0] if k in used else pad for k in KINDS] if p.mode_tokens else []
         return C.TokenTable(pad=pad, sentinels=tuple(sentinels), modes=tuple(modes))
 
     def _plan(self, d: Denoiser, rows: int, row_len: int, table: C.TokenTable, g: torch.Generator) -> C.DenoisingPlan:

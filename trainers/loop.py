@@ -285,7 +285,11 @@ class Trainer:
             step,
         )
         if keys:
-            self.sink.log({f"train/{k}": v for k, v in zip(keys, means[1:], strict=True)}, step)
+            extra = {f"train/{k}": v for k, v in zip(keys, means[1:], strict=True)}
+            for k in keys:  # per-part losses reported as (sum, count) pairs, e.g. UL2's denoisers
+                if k.endswith("/ce_sum") and (cnt := k.removesuffix("/ce_sum") + "/tokens") in keys:
+                    extra[f"train/{k.removesuffix('/ce_sum')}/ce"] = extra[f"train/{k}"] / max(extra[f"train/{cnt}"], 1e-9)
+            self.sink.log(extra, step)
         self.last_train_loss = loss
 
     @torch.no_grad()

@@ -73,7 +73,7 @@ def mae_patch_loss(pred: torch.Tensor, target: torch.Tensor, *, norm_pix: bool =
     """Per-patch mean squared error (N, L) between ``pred`` and ``target`` (N, L, P).
 
     ``norm_pix``: the target patch is standardised with its own mean and (unbiased) variance first, MAE's
-    "normalized pixels" target (He et al., arXiv 2111.06377, section 4); each patch's loss depends only on
+    "normalized pixels" target (He et al., arXiv 2111.06377); each patch's loss depends only on
     that patch's prediction and pixels.
     """
     if pred.shape != target.shape:
@@ -97,7 +97,7 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, no
 
 
 def hpm_relative_loss(pred_loss: torch.Tensor, target_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """HPM's relative (ranking) loss-prediction objective (Wang et al., arXiv 2304.05919, section 3.3).
+    """HPM's relative (ranking) loss-prediction objective (Wang et al., arXiv 2304.05919).
 
     For every ordered pair (i, j) of masked patches of the same image whose reconstruction losses differ,
     binary cross-entropy of ``sigmoid(p_i − p_j)`` against ``1[l_i > l_j]``; the mean over those pairs.
@@ -173,7 +173,7 @@ def clip_loss(
     img, txt = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
     g_img, offset = gather_with_grad(img, gather=gather)
     g_txt, _ = gather_with_grad(txt, gather=gather)
-    n, m = img.shape[0], g_img.shape[0]
+    n = img.shape[0]
     scale = logit_scale.float() if torch.is_tensor(logit_scale) else float(logit_scale)
     logits_i2t = scale * img @ g_txt.T  # (n, m)
     logits_t2i = scale * txt @ g_img.T  # (n, m)
@@ -222,7 +222,7 @@ def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, *, lambd: float = 5e-3, ret
 def mixed_barlow_regularizer(
     z1: torch.Tensor, z2: torch.Tensor, z_mix: torch.Tensor, *, alpha: float | torch.Tensor, perm: torch.Tensor
 ) -> torch.Tensor:
-    """Mixed Barlow Twins' mixup regulariser (Bandara et al., arXiv 2312.02151, section 3).
+    """Mixed Barlow Twins' mixup regulariser (Bandara et al., arXiv 2312.02151).
 
     The inputs of ``z_mix`` are x_m = α·x1 + (1 − α)·x2[perm]. If the embedding were linear in the input,
     its cross-correlations with each view would be the same interpolation of the views' own ones:

@@ -172,7 +172,9 @@ class HPM(MAE):
         noise = noise.scatter(1, hard, 2.0)  # above every uniform draw: never among the n_keep lowest
         return masks_from_noise(noise, n_keep)
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+    def loss_terms(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"recon", "rank", "mask", "alpha"}``: the two losses of one step (before weighting), the mask used
+        and α_t. Advances the step counter in training mode unless :meth:`set_step` is in use."""
         images = batch["images"]
         alpha = self.hard_ratio(self.step)
         if model.training and not self._step_set:
@@ -185,9 +187,9 @@ class HPM(MAE):
         recon = (per_patch * mask).sum() / mask.sum()
         pred_loss = call(model, "loss_predictor", latent, ids_restore)[..., 0]  # (B, L)
         rank = VF.hpm_relative_loss(pred_loss, per_patch, mask)
-        loss = recon + self.params.predictor_weight * rank
-        return loss, {
-            "mse_masked": recon.detach(),
-            "loss_pred": rank.detach(),
-            "hard_ratio": torch.tensor(alpha, device=recon.device),
-        }
+        return {"recon": recon, "rank": rank, "mask": mask, "alpha": torch.tensor(alpha, device=recon.device)}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        t = self.loss_terms(model, batch)
+        loss = t["recon"] + self.params.predictor_weight * t["rank"]
+        return loss, {"mse_masked": t["recon"].detach(), "loss_pred": t["rank"].detach(), "hard_ratio": t["alpha"]}

@@ -148,6 +148,7 @@ def test_tune_comparison_two_schedules_two_seeds(cl_data, tmp_path):
         raw["tasks"][i]["steps"] = 4
     raw["tasks"] = raw["tasks"][:2]
     raw["anneal_steps"] = 2
+    raw["schedule"]["cooldown_steps"] = 2
     raw["trainer"]["eval_every"] = 100
     raw["tracking"]["artifact_root"] = str(tmp_path / "art")
     cont.write_text(yaml.safe_dump(raw))

@@ -386,6 +386,9 @@ def test_ul2_mode_switching_uses_only_that_paradigm():
     batch = obj.prepare({"tokens": rows(64, 65)}, torch.Generator().manual_seed(0))
     assert bool((batch["input_ids"][:, 0] == SPECIAL["<|X|>"]).all())
     assert objectives.get("ul2").mode_token("S") == "<|S|>"
+    only_s = objectives.get("ul2", mode="S")  # a tokenizer with just <|S|> is enough for S mode
+    only_s.setup(special_tokens={st.EOS_TOKEN: 0, st.PAD_TOKEN: 1, "<|S|>": 2}, vocab_size=VOCAB)
+    assert bool((only_s.prepare({"tokens": rows(4, 65)})["input_ids"][:, 0] == 2).all())
     plain = make("ul2", mode="S", mode_tokens=False)
     b2 = plain.prepare({"tokens": rows(8, 65)}, torch.Generator().manual_seed(0))
     assert torch.equal(b2["input_ids"], rows(8, 65)[:, :-1])  # a prefix LM over the row itself

@@ -1,0 +1,122 @@
+"""storage_path on an S3-compatible object store: a run writes its checkpoints into a bucket served on
+localhost (moto's S3 server), resumes from them with a higher max_steps, and registers the model.
+
+Credentials reach the Ray workers only through their environment (the filesystem Ray pickles to them
+carries none, by design). The workers are forked from the session's Ray instance, which inherits this
+process's environment when it starts, so dummy credentials are set at import, before any fixture runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+for _k, _v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+    os.environ.setdefault(_k, _v)
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "rpt-checkpoints"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (a subprocess), with one bucket; stopped by PID."""
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if exe is None:
+        pytest.skip("moto_server is not installed (pip install 'moto[server]', part of the dev extra)")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        import pyarrow.fs as pafs
+
+        pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True).create_dir(BUCKET)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_checkpoints_in_s3_resume_and_register(ray_session, debug_data, tmp_path, tracking_uri, s3_endpoint):
+    import mlflow
+    import pyarrow.fs as pafs
+
+    from cluster.config import load_config
+    from cluster.storage import resolve_storage
+    from cluster.train import run_train
+
+    # The endpoint travels in the URI (pyarrow's option names); credentials only in the environment.
+    storage_path = f"s3://{BUCKET}/runs?endpoint_override={s3_endpoint}&region=us-east-1"
+
+    def cfg(max_steps: int):
+        return load_config(REPO / "configs/debug-lm.yaml", [
+            f"data.path={debug_data}", f"storage_path={storage_path}", f"tracking.artifact_root={tmp_path / 'art'}",
+            "name=s3-debug", f"trainer.max_steps={max_steps}", "trainer.checkpoint_every=5", "trainer.eval_every=5",
+            "trainer.log_every=5", "trainer.keep_checkpoints=2",
+        ])
+
+    first = run_train(cfg(10), tracking_uri=tracking_uri, register=False)
+    assert first.checkpoint.startswith(f"s3://{BUCKET}/runs/s3-debug/checkpoint_"), first.checkpoint
+    assert not (Path.cwd() / "s3:").exists(), "the URI was taken for a local path"
+
+    # the bucket holds the run: every rank's DeepSpeed shard, the train state, the export files
+    storage = resolve_storage(storage_path)
+    found = storage.latest_checkpoint("s3-debug")
+    assert found is not None
+    state, ckpt = found
+    assert state.step == 10 and state.data_position["rows_consumed"] == 10 * 8
+    names = {i.base_name for i in storage.filesystem.get_file_info(pafs.FileSelector(ckpt, recursive=True))}
+    assert {"train_state.json", "model.safetensors", "model_config.json", "tokenizer.json",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names
+    assert json.loads(storage.read_text(storage.path("s3-debug", "rpt_run.json")))["mlflow_run_id"] == first.mlflow_run_id
+
+    # resume the same run from the bucket, further, and register the final model from there
+    second = run_train(cfg(15), resume=True, tracking_uri=tracking_uri)
+    assert second.run_name == "s3-debug" and second.mlflow_run_id == first.mlflow_run_id
+    assert second.metrics["step"] == 15
+    state2, _ = storage.latest_checkpoint("s3-debug")
+    assert state2.step == 15 and state2.data_position["rows_consumed"] == 15 * 8, "resumed, not restarted"
+    steps = [s.step for s, _ in storage.checkpoints("s3-debug")]
+    assert steps == [10, 15], f"keep_checkpoints=2 applies in the bucket too: {steps}"
+
+    client = mlflow.MlflowClient(tracking_uri)
+    assert [m.step for m in client.get_metric_history(first.mlflow_run_id, "train/loss")] == [5, 10, 15]
+    mv = client.get_model_version_by_alias("debug-lm", "current")
+    assert int(mv.version) == second.model_version and mv.run_id == first.mlflow_run_id
+    assert client.get_run(first.mlflow_run_id).data.tags["rpt.checkpoint"].startswith(f"s3://{BUCKET}/runs/s3-debug/")
+    from cluster.registry import load_model
+
+    model, tok = load_model("debug-lm@current", tracking_uri=tracking_uri)
+    assert sum(p.numel() for p in model.parameters()) > 0 and tok.get_vocab_size() == 1024
