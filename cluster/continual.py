@@ -63,6 +63,16 @@ class ContinualConfig(BaseModel):
                     raise ValueError(f"tasks[{i}].replay_tasks: {r!r} is not an earlier task (earlier: {names[:i]})")
         if self.anneal_steps and self.schedule.get("name") != "infinite":
             raise ValueError("anneal_steps > 0 needs schedule.name: infinite (anneal branches of the constant phase)")
+        if self.anneal_steps:
+            from trainers import schedules
+
+            p = schedules.validate("infinite", **self.schedule_params())
+            if p.warmup_steps + p.cooldown_steps > self.tasks[0].steps:
+                raise ValueError(
+                    f"anneal_steps={self.anneal_steps}: task 0 ends at step {self.tasks[0].steps}, before the constant "
+                    f"phase starts (warmup_steps + cooldown_steps = {p.warmup_steps + p.cooldown_steps}); anneal "
+                    "branches start in the constant phase: shorten warmup/cooldown or lengthen task 0"
+                )
         for i in range(len(self.tasks)):  # every task config must validate, on the driver
             self.task_config(i, previous_checkpoint="/dev/null" if i else None)
         return self

@@ -75,6 +75,12 @@ def check_data(cfg: RunConfig) -> DataCheck:
     import objectives
 
     obj = objectives.get(cfg.objective.name, **cfg.objective.params)
+    if hasattr(obj, "bind"):  # image objectives (objectives/vision) take image batches and a ViT
+        raise ConfigError(
+            f"objective {cfg.objective.name!r} is an image objective: `rpt train` streams token shards and "
+            "trains the decoder LM; the image data path and ViT trainer are not wired in yet (use causal_lm, "
+            "mlm, span_corruption, ul2 or self_distillation)"
+        )
     needed = list(obj.required_special_tokens()) if hasattr(obj, "required_special_tokens") else []
     missing = [tok for tok in needed if tok not in manifest.tokenizer.special_tokens]
     if missing:

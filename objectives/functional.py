@@ -158,3 +158,8 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, *, normalize: bool 
     if normalize:
         s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
     return (s - t).square().mean()
+
+
+# Vision / contrastive losses live in objectives.vision.functional (torch only); re-exported so that
+# `from objectives import functional as F; F.nt_xent(...)` covers both families.
+from objectives.vision.functional import barlow_twins, clip_loss, mae_loss, nt_xent  # noqa: E402, F401

@@ -81,3 +81,8 @@ def test_rpt_train_exits_nonzero_before_ray(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "data.path=" in r.stderr and "rpt data prepare" in r.stderr
     assert not (tmp_path / "res").exists() or not any((tmp_path / "res").iterdir())  # nothing half-written
+
+
+def test_image_objective_is_refused_by_the_text_trainer(data_copy):
+    with pytest.raises(ConfigError, match="image objective"):
+        check_data(cfg_for(data_copy, "objective={name: mae}"))

@@ -148,14 +148,14 @@ def test_tune_comparison_two_schedules_two_seeds(cl_data, tmp_path):
         raw["tasks"][i]["steps"] = 4
     raw["tasks"] = raw["tasks"][:2]
     raw["anneal_steps"] = 2
-    raw["schedule"]["cooldown_steps"] = 2
+    raw["schedule"]["cooldown_steps"] = 1  # warmup 3 + cooldown 1: task 0 ends in the constant phase
     raw["trainer"]["eval_every"] = 100
     raw["tracking"]["artifact_root"] = str(tmp_path / "art")
     cont.write_text(yaml.safe_dump(raw))
     tune_cfg = tmp_path / "tune.yaml"
     raw_t = yaml.safe_load((REPO / "configs/tune-debug.yaml").read_text())
     raw_t.update(continual=str(cont), storage_path=str(tmp_path / "tune"), name="cmp")
-    raw_t["schedules"]["infinite"]["cooldown_steps"] = 2
+    raw_t["schedules"]["infinite"]["cooldown_steps"] = 1
     raw_t["grid"]["seed"] = [0, 1]
     tune_cfg.write_text(yaml.safe_dump(raw_t))
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"

@@ -63,5 +63,7 @@ def test_bad_continual_configs():
         load_continual(CFG, ["tasks.1.replay_tasks=[c]"])
     with pytest.raises(ConfigError, match="needs schedule.name: infinite"):
         load_continual(CFG, ["schedule={name: cosine_rewarm, warmup_steps: 3, min_ratio: 0.1}"])
+    with pytest.raises(ConfigError, match="before the constant phase"):
+        load_continual(CFG, ["tasks.0.steps=10"])
     with pytest.raises(ConfigError, match="not an index"):
         load_continual(CFG, ["tasks.7.steps=3"])
