@@ -122,7 +122,11 @@ def submit(
     if not follow:
         console.print(f"follow: rpt jobs logs {job_id} --follow --address {addr}")
         return
-    status = jobs.follow(addr, job_id)
+    try:
+        status = jobs.follow(addr, job_id)
+    except KeyboardInterrupt:
+        err.print(f"stopped following; the job goes on (rpt jobs stop {job_id} --address {addr})", highlight=False)
+        raise typer.Exit(130) from None
     code = jobs.exit_code(status)
     (console if code == 0 else err).print(f"job {job_id}: [bold]{status}[/]")
     raise typer.Exit(code)
@@ -164,10 +168,13 @@ def jobs_logs(
 
 @jobs_app.command("status")
 def jobs_status(job_id: str, address: str | None = ADDRESS) -> None:
-    """A job's status; the exit code is 0 only for SUCCEEDED."""
+    """A job's status; exit code 1 FAILED, 3 STOPPED, else 0 (SUCCEEDED, or not finished yet)."""
     from cluster import jobs
 
-    status = jobs.job_status(_address(address), job_id)
+    try:
+        status = jobs.job_status(_address(address), job_id)
+    except jobs.JobError as e:
+        _fail(e)
     console.print(status)
     raise typer.Exit(jobs.exit_code(status) if status in jobs.EXIT_CODES else 0)
 
@@ -177,7 +184,10 @@ def jobs_stop(job_id: str, address: str | None = ADDRESS) -> None:
     """Stop a job (its driver gets SIGTERM, then SIGKILL) and print its final status."""
     from cluster import jobs
 
-    console.print(jobs.stop_job(_address(address), job_id))
+    try:
+        console.print(jobs.stop_job(_address(address), job_id))
+    except jobs.JobError as e:
+        _fail(e)
 
 
 @cluster_app.command("up")

@@ -6,8 +6,10 @@ instance on the machine:
 
 - every node runs ``ray start --block`` in its own process session, so ``down`` can end exactly this
   cluster's processes (``ray stop`` would kill every Ray process of the machine, other users' too);
-- the cluster gets its own short temp dir (Ray's unix sockets live there and their paths must stay
-  under ~107 characters) and its own free ports for everything Ray would otherwise bind at a fixed
+- each node gets its own short temp dir (Ray's unix sockets live there and their paths must stay
+  under ~107 characters; two nodes sharing one would also share ``runtime_resources``, and the worker
+  node's runtime-env agent would delete a job's working dir under the driver on the head) and its own
+  free ports for everything Ray would otherwise bind at a fixed
   default (GCS 6379, dashboard 8265, client server 10001, dashboard agent 52365), and random worker
   ports, so it never collides with another instance;
 - the dashboard (Jobs API) listens on 127.0.0.1 only; Ray's internal services bind the machine's
@@ -57,11 +59,12 @@ class NodeProcess:
 @dataclass
 class LocalCluster:
     state_dir: str
-    temp_dir: str
+    temp_dir: str  # the head's; the worker node's is worker_temp_dir
     gcs_address: str  # what `ray start --address` / `ray.init(address=...)` take
     dashboard_url: str  # what `rpt submit --address` / JobSubmissionClient take
     nodes: list[NodeProcess] = field(default_factory=list)
     started_at: float = 0.0
+    worker_temp_dir: str = ""
 
     def save(self) -> None:
         path = Path(self.state_dir, STATE_FILE)
@@ -188,11 +191,13 @@ def up(
         )
     # Short on purpose: the session folder + socket names must fit in a unix socket path.
     temp_dir = tempfile.mkdtemp(prefix="rpt-ray-", dir="/tmp")
+    worker_temp_dir = tempfile.mkdtemp(prefix="rpt-ray-w-", dir="/tmp")
     gcs_port = _free_port()
     dash_port = dashboard_port or _free_port()
     cluster = LocalCluster(
         state_dir=str(state_dir),
         temp_dir=temp_dir,
+        worker_temp_dir=worker_temp_dir,
         gcs_address=f"{NODE_IP}:{gcs_port}",
         dashboard_url=f"http://{NODE_IP}:{dash_port}",
         started_at=time.time(),
@@ -200,7 +205,6 @@ def up(
     common = [
         "--block",
         "--disable-usage-stats",
-        f"--temp-dir={temp_dir}",
         "--min-worker-port=0",
         "--max-worker-port=0",
         f"--object-store-memory={object_store_mb * 1024 * 1024}",
@@ -215,6 +219,7 @@ def up(
         f"--dashboard-agent-listen-port={_free_port()}",
         f"--num-cpus={num_cpus_head}",
         "--num-gpus=0",
+        f"--temp-dir={temp_dir}",
     ]
     _ensure_token()
     try:
@@ -226,6 +231,7 @@ def up(
             f"--dashboard-agent-listen-port={_free_port()}",
             f"--num-cpus={num_cpus_worker}",
             "--num-gpus=0",
+            f"--temp-dir={worker_temp_dir}",
         ]
         cluster.nodes.append(_start_node(cluster, "worker", worker + common, num_cpus_worker))
         cluster.save()
@@ -234,6 +240,7 @@ def up(
         _wait(lambda: _get_json(f"{cluster.dashboard_url}/api/jobs/") is not None, cluster, "the Jobs API", timeout_s)
     except BaseException:
         _stop(cluster, timeout_s=30)
+        _forget(cluster)
         raise
     log.info("local cluster up: dashboard %s, GCS %s, temp dir %s", cluster.dashboard_url, cluster.gcs_address, temp_dir)
     return cluster
@@ -296,6 +303,7 @@ def status(state_dir: str | Path = DEFAULT_STATE_DIR) -> dict:
         "dashboard_url": cluster.dashboard_url,
         "gcs_address": cluster.gcs_address,
         "temp_dir": cluster.temp_dir,
+        "worker_temp_dir": cluster.worker_temp_dir,
         "nodes": nodes,
         "ray_nodes_alive": alive_nodes,
         "jobs_api": jobs_api,
@@ -314,9 +322,16 @@ def down(state_dir: str | Path = DEFAULT_STATE_DIR, *, timeout_s: float = 30.0) 
     if cluster is None:
         return []
     ended = _stop(cluster, timeout_s=timeout_s)
-    Path(cluster.state_dir, STATE_FILE).unlink(missing_ok=True)
-    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    _forget(cluster)
     return ended
+
+
+def _forget(cluster: LocalCluster) -> None:
+    """Remove the state file and the nodes' temp dirs (sessions, logs, sockets): nothing runs there now."""
+    Path(cluster.state_dir, STATE_FILE).unlink(missing_ok=True)
+    for d in (cluster.temp_dir, cluster.worker_temp_dir):
+        if d:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _stop(cluster: LocalCluster, *, timeout_s: float) -> list[int]:

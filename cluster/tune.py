@@ -77,12 +77,16 @@ def load_tune(path: str | Path, overrides: list[str] | None = None) -> TuneConfi
 
 def _trial_fn(config: dict[str, Any]) -> None:
     """Tune function trainable: one whole continual sequence."""
+    import os
+
     from ray import tune
 
     from cluster.continual import load_continual, run_continual
 
     ctx = tune.get_context()
     trial = ctx.get_trial_name()
+    if os.path.isdir(config["cwd"]):  # Tune starts trials in their own folder; configs hold paths relative to the repo
+        os.chdir(config["cwd"])
     overrides = [*config["overrides"], f"name={config['prefix']}-{trial}",
                  f"storage_path={config['storage_path']}", f"tracking.tracking_uri={config['tracking_uri']}"]
     cfg = load_continual(config["continual"], overrides)
@@ -135,8 +139,10 @@ def run_tune(cfg: TuneConfig, *, tracking_uri: str | None = None, address: str |
         ]),
     }
 
+    continual_path, cwd = str(Path(cfg.continual).resolve()), str(Path.cwd())
+
     def fn(config):
-        _trial_fn({**config["point"], "continual": str(Path(cfg.continual).resolve()), "prefix": cfg.name,
+        _trial_fn({**config["point"], "continual": continual_path, "prefix": cfg.name, "cwd": cwd,
                    "storage_path": str(storage / "runs"), "tracking_uri": uri, "parent_run_id": parent})
 
     tuner = tune.Tuner(

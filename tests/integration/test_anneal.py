@@ -59,8 +59,13 @@ def test_anneal_branch_and_main_line(ray_session, debug_data, tmp_path, tracking
     # the main line goes on at η_const from its own checkpoint
     cont = run_train(debug_cfg(debug_data, tmp_path, "trainer.max_steps=15", *common), tracking_uri=tracking_uri,
                      resume=True, register=False)
-    assert cont.mlflow_run_id == main.mlflow_run_id
+    assert cont.mlflow_run_id == main.mlflow_run_id and cont.run_name == main.run_name
     assert lr_history(tracking_uri, main.mlflow_run_id)[15] == pytest.approx(0.5 * peak)
+    # across the resume (a new fit from the latest checkpoint) the main line read the next unseen rows
+    for rank in range(2):
+        np.testing.assert_array_equal(
+            read_audit(audit, rank), expected_rows(debug_data, world=2, rank=rank, seed=0, start=0, count=15 * 8)
+        )
 
 
 def test_anneal_needs_infinite_constant_phase(tmp_path):

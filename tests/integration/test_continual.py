@@ -147,8 +147,8 @@ def test_tune_comparison_two_schedules_two_seeds(cl_data, tmp_path):
         raw["tasks"][i]["data"]["path"] = str(cl_data / name)
         raw["tasks"][i]["steps"] = 4
     raw["tasks"] = raw["tasks"][:2]
-    raw["anneal_steps"] = 2
-    raw["schedule"]["cooldown_steps"] = 1  # warmup 3 + cooldown 1: task 0 ends in the constant phase
+    raw["anneal_steps"] = 0  # anneal branches are covered above; here 8 fits in 4 rounds keep CI short
+    raw["schedule"]["cooldown_steps"] = 1
     raw["trainer"]["eval_every"] = 100
     raw["tracking"]["artifact_root"] = str(tmp_path / "art")
     cont.write_text(yaml.safe_dump(raw))
@@ -163,7 +163,9 @@ def test_tune_comparison_two_schedules_two_seeds(cl_data, tmp_path):
 
     agg = report["aggregate"]
     assert set(agg) == {"cosine_rewarm", "infinite"} and all(a["n"] == 2 and a["seeds"] == [0, 1] for a in agg.values())
-    assert "| cosine_rewarm | 2 |" in report["table"] and "annealed" in report["table"]
+    assert "| cosine_rewarm | 2 |" in report["table"] and "| infinite | 2 |" in report["table"]
+    for row in agg.values():  # mean ± std over the two seeds of each summary metric
+        assert all(len(row[m]) == 2 and np.isfinite(row[m][0]) for m in ("final_avg_loss", "mean_forgetting", "mean_adaptation"))
     client = mlflow.MlflowClient(uri)
     parent = client.get_run(report["parent_run_id"])
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -172,7 +174,7 @@ def test_tune_comparison_two_schedules_two_seeds(cl_data, tmp_path):
     assert len(trials) == 4
     for t in trials:  # each trial run has its task runs below it
         kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{t.info.run_id}'")
-        assert len(kids) == (4 if t.data.tags["rpt.schedule"] == "infinite" else 2)
+        assert len(kids) == 2
     # Tune wrote TensorBoard event files for the dashboards
     assert list(Path(report["tune_dir"]).rglob("events.out.tfevents*"))
     trial_results = list(Path(report["tune_dir"]).rglob("continual_result.json"))

@@ -73,10 +73,13 @@ def test_checkpoints_in_s3_resume_and_register(ray_session, debug_data, tmp_path
     import mlflow
     import pyarrow.fs as pafs
 
+    import cluster.train
     from cluster.config import load_config
     from cluster.storage import resolve_storage
     from cluster.train import run_train
 
+    if not hasattr(cluster.train, "resolve_storage"):  # fail before a URI is taken for a local path
+        pytest.fail("cluster/train.py does not resolve storage_path through cluster.storage.resolve_storage")
     # The endpoint travels in the URI (pyarrow's option names); credentials only in the environment.
     storage_path = f"s3://{BUCKET}/runs?endpoint_override={s3_endpoint}&region=us-east-1"
 

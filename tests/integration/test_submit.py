@@ -175,6 +175,8 @@ def test_submit_to_a_local_cluster_and_tear_it_down(debug_data, tmp_path):
     assert down.returncode == 0, down.stdout + down.stderr
     assert cluster is not None
     assert not [p for p in procs if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not _processes_mentioning(cluster.temp_dir), "a process of the cluster survived `rpt cluster down`"
+    for temp_dir in (cluster.temp_dir, cluster.worker_temp_dir):
+        assert not _processes_mentioning(temp_dir), "a process of the cluster survived `rpt cluster down`"
+        assert not Path(temp_dir).exists()
     assert not (state / "cluster.json").exists()
     assert json.loads(rpt("cluster", "status", "--state-dir", str(state), env=env).stdout)["running"] is False
