@@ -245,6 +245,16 @@ def schedules_list() -> None:
     console.print("\n".join(schedules.available()))
 
 
+def _register_ops() -> None:
+    """``submit``, ``jobs`` and ``cluster`` (Ray Jobs and the local multi-process cluster) live in cli_ops."""
+    from cluster.cli_ops import register
+
+    register(app)
+
+
+_register_ops()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app()
