@@ -24,6 +24,8 @@ def init_ray(address: str | None = None, *, cpus_needed: float = 0.0, dashboard:
         os.environ.setdefault(k, v)
     if not os.environ.get("CUDA_VISIBLE_DEVICES") and not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = "auto"  # inside a Ray job (rpt submit): join the job's cluster
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": {k: os.environ[k] for k in (*WORKER_ENV, "DS_ACCELERATOR") if k in os.environ}}

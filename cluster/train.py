@@ -10,7 +10,8 @@ from typing import Any
 
 from cluster import tracking
 from cluster.config import ConfigError, dump_config
-from trainers.checkpoint import TRAIN_STATE, TrainState
+from cluster.storage import Storage, StorageError, resolve_storage
+from trainers.checkpoint import TrainState
 from trainers.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -127,26 +128,21 @@ def replay_rows_per_micro(cfg: RunConfig) -> int:
     return n
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a Ray run (the one holding the highest step)."""
-    best: tuple[int, Path] | None = None
-    for d in run_dir.glob("checkpoint_*"):
-        if (d / TRAIN_STATE).is_file():
-            step = TrainState.load(d).step
-            if best is None or step > best[0]:
-                best = (step, d)
-    return best[1] if best else None
-
-
-def _unique_run_name(storage: Path, name: str) -> str:
-    if not (storage / name).exists():
-        return name
-    i = 2
-    while (storage / f"{name}-{i}").exists():
-        i += 1
-    new = f"{name}-{i}"
-    log.warning("run %r already exists in %s: starting %r (pass --resume to continue %r)", name, storage, new, name)
+def _unique_run_name(storage: Storage, name: str) -> str:
+    new = storage.unique_run_name(name)
+    if new != name:
+        log.warning("run %r already exists in %s: starting %r (pass --resume to continue %r)", name, storage.uri, new, name)
     return new
+
+
+def _marker_path(storage: Storage, name: str) -> str:
+    """Fault-injection marker (trainer.fail_at_step): in the run folder when it is local, else in a local
+    temp folder (the marker is a test device, read with plain file I/O by the workers)."""
+    if not storage.remote:
+        return storage.path(name, ".failure_injected")
+    import tempfile
+
+    return str(Path(tempfile.gettempdir(), "rpt-markers", storage.root.replace("/", "_"), name, ".failure_injected"))
 
 
 def _flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -198,23 +194,25 @@ def run_train(
     t = cfg.trainer
     data = check_data(cfg)
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, tracking_uri)
-    storage = Path(cfg.storage_path).resolve()
-    storage.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = resolve_storage(cfg.storage_path)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
     name = cfg.name if resume else _unique_run_name(storage, cfg.name)
-    run_dir = storage / name
+    run_dir = storage.path(name)
 
     # --- where this fit starts --------------------------------------------------------------
     start_rows, start_step, run_id, start_replay = 0, 0, None, 0
     if resume:
-        if not run_dir.is_dir():
-            raise ConfigError(f"--resume: no run {name!r} in storage_path={str(storage)!r}")
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            st = TrainState.load(ckpt)
+        if not storage.is_dir(run_dir):
+            raise ConfigError(f"--resume: no run {name!r} in storage_path={storage.uri!r}")
+        found = storage.latest_checkpoint(name)
+        if found is not None:
+            st, _ = found
             start_rows, start_step, run_id = st.data_position["rows_consumed"], st.step, st.mlflow_run_id
             start_replay = st.data_position.get("replay_rows_consumed", 0)
-        if (run_dir / RUN_FILE).is_file():
-            run_id = json.loads((run_dir / RUN_FILE).read_text())["mlflow_run_id"]
+        if storage.exists(storage.path(name, RUN_FILE)):
+            run_id = json.loads(storage.read_text(storage.path(name, RUN_FILE)))["mlflow_run_id"]
     elif t.resume_from:
         st = TrainState.load(t.resume_from)
         start_step = st.step
@@ -244,8 +242,7 @@ def run_train(
         if t.resume_from:
             client.set_tag(run_id, "rpt.resume_from", str(Path(t.resume_from).resolve()))
         _log_lr_plot(client, run_id, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
+    storage.write_text(storage.path(name, RUN_FILE), json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
 
     # --- Ray ----------------------------------------------------------------------------------
     init_ray(address, cpus_needed=t.num_workers * t.cpus_per_worker, dashboard=dashboard)
@@ -273,7 +270,7 @@ def run_train(
         "seq_len": data.seq_len,
         "tracking_uri": uri,
         "mlflow_run_id": run_id,
-        "marker_path": str(run_dir / ".failure_injected") if t.fail_at_step else None,
+        "marker_path": _marker_path(storage, name) if t.fail_at_step else None,
         "special_tokens": dict(data.manifest.tokenizer.special_tokens),
         "val_sets": list(val_sets),
     }
@@ -285,7 +282,7 @@ def run_train(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage),
+            **storage.ray_run_config_kwargs(),  # storage_path (+ storage_filesystem for s3://)
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         ),
@@ -298,13 +295,15 @@ def run_train(
         raise result.error
 
     # --- registry -------------------------------------------------------------------------------
-    ckpt_path = result.checkpoint.path if result.checkpoint else None
+    ckpt_path = storage.uri_of(result.checkpoint.path) if result.checkpoint else None  # s3://... when remote
     model_name = version = None
     if register and ckpt_path:
         model_name = cfg.tracking.registered_model or cfg.name
-        version = register_checkpoint(
-            ckpt_path, run_id=run_id, name=model_name, aliases=[cfg.tracking.alias, *extra_aliases], tracking_uri=uri
-        )
+        # Remote storage: only the export files are downloaded (not the optimizer state).
+        with storage.local_checkpoint(result.checkpoint.path) as local_ckpt:
+            version = register_checkpoint(
+                local_ckpt, run_id=run_id, name=model_name, aliases=[cfg.tracking.alias, *extra_aliases], tracking_uri=uri
+            )
         client.set_tag(run_id, "rpt.checkpoint", ckpt_path)
     client.set_terminated(run_id, status="FINISHED")
     return TrainOutcome(name, run_id, ckpt_path, model_name, version, dict(result.metrics or {}), uri)
