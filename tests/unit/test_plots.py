@@ -130,7 +130,7 @@ def test_plot_lr_from_configs(tmp_path):
     curves = plots.curves_from_configs(paths)
     assert [c["label"] for c in curves] == ["tiny-lm", "debug-lm"]
     tiny = curves[0]
-    assert tiny["name"] == "cosine" and tiny["steps"] == 300 and tiny["lr_peak"] == 3e-3
+    assert tiny["name"] == "cosine" and tiny["steps"] == 300 and tiny["lr_peak"] == 2e-3
     assert tiny["params"]["total_steps"] == 300  # filled from trainer.max_steps
 
 
