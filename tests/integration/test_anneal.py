@@ -25,7 +25,7 @@ def tree_digest(d: Path) -> dict[str, str]:
 def lr_history(uri: str, run_id: str) -> dict[int, float]:
     import mlflow
 
-    return {m.step: m.value for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "lr")}
+    return {m.step: m.value for m in mlflow.MlflowClient(uri, registry_uri=uri).get_metric_history(run_id, "lr")}
 
 
 def test_anneal_branch_and_main_line(ray_session, debug_data, tmp_path, tracking_uri):
@@ -46,7 +46,7 @@ def test_anneal_branch_and_main_line(ray_session, debug_data, tmp_path, tracking
     assert lrs[14] == pytest.approx(0.1 * peak)  # annealed to η_min
     state = json.loads(Path(branch.checkpoint, "train_state.json").read_text())
     assert state["schedule"]["params"]["anneal_steps"] == 4 and state["schedule"]["params"]["constant_steps"] == 4
-    mv = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(branch.model_name, "annealed")
+    mv = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_by_alias(branch.model_name, "annealed")
     assert mv.run_id == branch.mlflow_run_id
     assert tree_digest(src) == before  # the source checkpoint is untouched
     # the branch continued with the next unseen rows of the plan

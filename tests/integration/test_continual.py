@@ -45,7 +45,7 @@ def cl_config(root: Path, tmp: Path, *extra: str):
 def lr_by_step(uri: str, run_ids: list[str]) -> dict[int, float]:
     import mlflow
 
-    c = mlflow.MlflowClient(uri)
+    c = mlflow.MlflowClient(uri, registry_uri=uri)
     return {m.step: m.value for r in run_ids for m in c.get_metric_history(r, "lr")}
 
 
@@ -76,7 +76,7 @@ def test_infinite_sequence_registers_tasks_and_continues_step_and_lr(infinite_ru
         assert lr == pytest.approx(PEAK * f(step), rel=1e-9), step
     assert lrs[16] == pytest.approx(PEAK * 0.5) and lrs[24] == pytest.approx(PEAK * 0.5)  # η_const across tasks
     # task models and annealed branches are registered and load by alias
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     for i, run in enumerate(res["runs"]):
         assert client.get_model_version_by_alias("cl-inf", f"task-{i}").run_id == run["run_id"]
         assert client.get_model_version_by_alias("cl-inf", f"task-{i}-annealed").run_id == run["annealed_run_id"]
@@ -122,7 +122,7 @@ def test_cosine_rewarm_from_registered_model_with_replay(infinite_run, cl_data, 
     with torch.no_grad():
         logits = model(rows[:, :-1].long())
         ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1).long())
-    hist = mlflow.MlflowClient(uri).get_metric_history(res["runs"][0]["run_id"], "val/loss")
+    hist = mlflow.MlflowClient(uri, registry_uri=uri).get_metric_history(res["runs"][0]["run_id"], "val/loss")
     assert {m.step: m.value for m in hist}[0] == pytest.approx(ref.item(), rel=1e-5)
 
     # replay: 2 of every 8 rows come from the earlier task, in the planned order
@@ -166,7 +166,7 @@ def test_tune_comparison_two_schedules_two_seeds(cl_data, tmp_path):
     assert "| cosine_rewarm | 2 |" in report["table"] and "| infinite | 2 |" in report["table"]
     for row in agg.values():  # mean ± std over the two seeds of each summary metric
         assert all(len(row[m]) == 2 and np.isfinite(row[m][0]) for m in ("final_avg_loss", "mean_forgetting", "mean_adaptation"))
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     parent = client.get_run(report["parent_run_id"])
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "report.json", "loss_matrix.png", "val_curves.png", "lr_curves.png"} <= arts

@@ -114,7 +114,7 @@ def test_checkpoints_in_s3_resume_and_register(ray_session, debug_data, tmp_path
     steps = [s.step for s, _ in storage.checkpoints("s3-debug")]
     assert steps == [10, 15], f"keep_checkpoints=2 applies in the bucket too: {steps}"
 
-    client = mlflow.MlflowClient(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     assert [m.step for m in client.get_metric_history(first.mlflow_run_id, "train/loss")] == [5, 10, 15]
     mv = client.get_model_version_by_alias("debug-lm", "current")
     assert int(mv.version) == second.model_version and mv.run_id == first.mlflow_run_id

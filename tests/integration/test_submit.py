@@ -160,7 +160,7 @@ def test_submit_to_a_local_cluster_and_tear_it_down(debug_data, tmp_path):
         assert "MLflow run id" in logs.stdout
 
         # the job's run and registered model are in the MLflow store the submitter pointed it at
-        client = mlflow.MlflowClient(tracking_uri)
+        client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
         exp = client.get_experiment_by_name("ray-pretrain-debug")
         runs = client.search_runs([exp.experiment_id])
         done = [r for r in runs if r.info.status == "FINISHED"]

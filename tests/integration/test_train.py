@@ -51,7 +51,7 @@ def test_two_worker_zero2_run_tracks_checkpoints_and_registers(ray_session, debu
     out = run_train(cfg, tracking_uri=tracking_uri)
 
     # the loss went down (MLflow holds the series at the logged steps)
-    client = mlflow.MlflowClient(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     train = client.get_metric_history(out.mlflow_run_id, "train/loss")
     val = client.get_metric_history(out.mlflow_run_id, "val/loss")
     assert [m.step for m in train] == [5, 10, 15, 20]
@@ -116,7 +116,7 @@ def test_worker_failure_restarts_without_repeating_or_skipping_rows(ray_session,
     from trainers import schedules
 
     f = schedules.get("cosine", **cfg.schedule_params())
-    hist = mlflow.MlflowClient(tracking_uri).get_metric_history(out.mlflow_run_id, "lr")
+    hist = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri).get_metric_history(out.mlflow_run_id, "lr")
     assert {m.step for m in hist} == set(range(1, 25))
     for m in hist:  # steps 9..13 were logged twice (before the failure and after the restart): same values
         assert m.value == pytest.approx(3e-3 * f(m.step), rel=1e-12), m.step
