@@ -52,22 +52,29 @@ def data_prepare(
     overwrite: bool = typer.Option(False, help="replace an existing prepared folder"),
     if_missing: bool = typer.Option(False, "--if-missing", help="do nothing when data.path already holds a manifest"),
 ) -> None:
-    """Tokenise and pack the config's corpus (data.prepare) into Parquet shards at data.path."""
+    """Build data.path from data.prepare: tokenised, packed text shards, or image shards (kind: images)."""
     from pathlib import Path
 
     cfg = _load(config, overrides)
-    if if_missing and Path(cfg.data.path, "manifest.json").is_file():
+    if if_missing and Path(cfg.data.path, "manifest.json").is_file():  # text or image manifest
         console.print(f"{cfg.data.path} is already prepared")
         return
     try:
         pcfg = cfg.data.prepare_config(overwrite=overwrite)
         if pcfg is None:
-            raise ValueError(f"{config}: data.prepare is not set: add data.prepare.corpus (e.g. builtin:pydoc)")
+            raise ValueError(
+                f"{config}: data.prepare is not set: add data.prepare.corpus (e.g. builtin:pydoc), "
+                "or data.prepare.kind: images"
+            )
         from cluster.ray_env import init_ray
+        from data.image_prepare import ImagePrepareConfig, prepare_images
         from data.prepare import prepare
 
         init_ray(None, dashboard=False)
-        prepare(pcfg, progress=True)
+        if isinstance(pcfg, ImagePrepareConfig):
+            prepare_images(pcfg, progress=True)
+        else:
+            prepare(pcfg, progress=True)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
 
@@ -141,6 +148,9 @@ def generate(
         model, tok = load_model(uri, tracking_uri=resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri))
     except Exception as e:
         _fail(e)
+    if not hasattr(tok, "token_to_id"):
+        _fail(ValueError(f"{uri} is an image encoder (objective {getattr(tok, 'objective', '?')!r}): it embeds "
+                         "images and has no text to generate; load it with cluster.registry.load_model"))
     eos = tok.token_to_id("<|eos|>")
     ids = torch.tensor([tok.encode(prompt).ids or [eos]])
     out = sample(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

@@ -35,19 +35,38 @@ class DataCheck:
     vocab_size: int
     seq_len: int
     tokenizer_path: str
+    image: dict[str, Any] | None = None  # image data: image_size, channels, n_classes, class_names
+
+
+IMAGE_OBJECTIVES_HINT = "mae, hpm, simclr, amcl, barlow_twins, mixed_barlow_twins, clip"
 
 
 def check_data(cfg: RunConfig) -> DataCheck:
     """Everything about the prepared data that can fail, checked on the driver before Ray starts."""
-    from data.manifest import Manifest
+    from data.manifest import ImageManifest, Manifest, load_any_manifest
+    from trainers.workload import is_image_objective
 
     root = Path(cfg.data.path)
     try:
-        manifest = Manifest.load(root)
+        manifest = load_any_manifest(root)
         if cfg.data.verify_shards:
             manifest.verify(root)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
+    image_objective = is_image_objective(cfg.objective.name, cfg.objective.params)
+    if isinstance(manifest, ImageManifest):
+        if not image_objective:
+            raise ConfigError(
+                f"data.path={cfg.data.path!r} holds images, but objective {cfg.objective.name!r} trains the decoder LM "
+                f"on token shards: choose an image objective ({IMAGE_OBJECTIVES_HINT}) or point data.path at "
+                "data prepared from a text corpus"
+            )
+        return _check_image_data(cfg, root, manifest)
+    if image_objective:
+        raise ConfigError(
+            f"objective {cfg.objective.name!r} trains a ViT on images, but data.path={cfg.data.path!r} holds token "
+            "shards: prepare image data (data.prepare.kind: images, e.g. source: fractals) into another folder"
+        )
     vocab = manifest.tokenizer.vocab_size
     if cfg.model.vocab_size is not None and cfg.model.vocab_size != vocab:
         raise ConfigError(
@@ -76,12 +95,6 @@ def check_data(cfg: RunConfig) -> DataCheck:
     import objectives
 
     obj = objectives.get(cfg.objective.name, **cfg.objective.params)
-    if hasattr(obj, "bind"):  # image objectives (objectives/vision) take image batches and a ViT
-        raise ConfigError(
-            f"objective {cfg.objective.name!r} is an image objective: `rpt train` streams token shards and "
-            "trains the decoder LM; the image data path and ViT trainer are not wired in yet (use causal_lm, "
-            "mlm, span_corruption, ul2 or self_distillation)"
-        )
     needed = list(obj.required_special_tokens()) if hasattr(obj, "required_special_tokens") else []
     missing = [tok for tok in needed if tok not in manifest.tokenizer.special_tokens]
     if missing:
@@ -108,6 +121,70 @@ def check_data(cfg: RunConfig) -> DataCheck:
                 "continue pre-training with data tokenised by the model's own tokenizer"
             )
     return DataCheck(manifest, vocab, manifest.seq_len, str((root / manifest.tokenizer.path).resolve()))
+
+
+def _check_image_data(cfg: RunConfig, root: Path, manifest) -> DataCheck:
+    """Image data: the other image folders must have the same image size and channels; ``init_from`` must be a
+    vision export."""
+    from data.manifest import ImageManifest, load_any_manifest
+
+    others = {f"data.eval_sets.{k}": v for k, v in cfg.data.eval_sets.items()}
+    if cfg.data.replay:
+        others.update({f"data.replay.paths[{i}]": p for i, p in enumerate(cfg.data.replay.paths)})
+    for field_name, path in others.items():
+        try:
+            other = load_any_manifest(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{field_name}={path!r}: {e}") from None
+        if not isinstance(other, ImageManifest) or (other.image_size, other.channels) != (manifest.image_size, manifest.channels):
+            raise ConfigError(
+                f"{field_name}={path!r} is not image data of {manifest.channels}x{manifest.image_size}x{manifest.image_size} "
+                f"like data.path: prepare it with data.prepare image_size={manifest.image_size}, channels={manifest.channels}"
+            )
+    if cfg.trainer.init_from and not Path(cfg.trainer.init_from, "vit_config.json").is_file():
+        raise ConfigError(
+            f"trainer.init_from={cfg.trainer.init_from!r} holds no vit_config.json: give a checkpoint or pulled model "
+            "of an image run"
+        )
+    image = {"image_size": manifest.image_size, "channels": manifest.channels, "n_classes": manifest.n_classes,
+             "class_names": list(manifest.class_names)}
+    return DataCheck(manifest, 0, 0, "", image=image)
+
+
+def fill_from_data(cfg: RunConfig, data: DataCheck) -> RunConfig:
+    """Image runs: sizes the config leaves unset come from the data (as the LM's vocab_size comes from the
+    tokenizer): ``vit.image_size`` and ``vit.in_channels``; CLIP's ``n_classes`` and ``class_names``.
+    Explicit values that contradict the data are errors naming both."""
+    if data.image is None:
+        return cfg
+    from models.vit import ViTConfig
+
+    im = data.image
+    vit = (cfg.vit or ViTConfig()).model_dump()
+    for key, value in (("image_size", im["image_size"]), ("in_channels", im["channels"])):
+        if vit[key] is not None and vit[key] != value:
+            raise ConfigError(
+                f"vit.{key}={vit[key]} but data.path={cfg.data.path!r} holds {im['channels']}x{im['image_size']}x"
+                f"{im['image_size']} images: remove vit.{key} (it defaults to the data's) or prepare matching data"
+            )
+        vit[key] = value
+    try:
+        vit_cfg = ViTConfig.model_validate(vit)
+    except ValueError as e:
+        raise ConfigError(f"vit: {e}") from None
+    params = dict(cfg.objective.params)
+    if cfg.objective.name == "clip":
+        if params.get("n_classes", im["n_classes"]) != im["n_classes"]:
+            raise ConfigError(
+                f"objective.n_classes={params['n_classes']} but data.path={cfg.data.path!r} has {im['n_classes']} "
+                "classes: remove objective.n_classes (it defaults to the data's)"
+            )
+        params["n_classes"] = im["n_classes"]
+        params.setdefault("class_names", im["class_names"])
+    new = cfg.model_dump(mode="json")
+    new["vit"] = vit_cfg.model_dump(mode="json")
+    new["objective"] = {"name": cfg.objective.name, **params}
+    return RunConfig.model_validate(new)
 
 
 def replay_rows_per_micro(cfg: RunConfig) -> int:
@@ -191,8 +268,9 @@ def run_train(
     from data.stream import PlannedDataConfig, StreamPlan, load_shards
     from trainers.loop import train_loop_per_worker
 
-    t = cfg.trainer
     data = check_data(cfg)
+    cfg = fill_from_data(cfg, data)
+    t = cfg.trainer
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, tracking_uri)
     try:
         storage = resolve_storage(cfg.storage_path)
@@ -251,16 +329,19 @@ def run_train(
     ray.data.DataContext.get_current().enable_progress_bars = False
     steps = t.max_steps - start_step
     replay_micro = replay_rows_per_micro(cfg)
+    cols = ("images", "labels", "row_id") if data.image else ("tokens", "row_id")
     shards = load_shards(cfg.data.path, "train")
-    streams = {"train": StreamPlan(tuple(shards), cfg.seed, start_rows, steps * t.grad_accum_steps * (t.micro_batch_size - replay_micro))}
-    datasets = {"train": ray.data.read_parquet([s.path for s in shards], columns=["tokens", "row_id"])}
+    streams = {"train": StreamPlan(tuple(shards), cfg.seed, start_rows, steps * t.grad_accum_steps * (t.micro_batch_size - replay_micro), cols)}
+    datasets = {"train": ray.data.read_parquet([s.path for s in shards], columns=list(cols))}
     if replay_micro:
         rshards = [sh for p in cfg.data.replay.paths for sh in load_shards(p, "train")]
-        streams["replay"] = StreamPlan(tuple(rshards), cfg.data.replay.seed, start_replay, steps * t.grad_accum_steps * replay_micro)
-        datasets["replay"] = ray.data.read_parquet([s.path for s in rshards], columns=["tokens", "row_id"])
+        streams["replay"] = StreamPlan(tuple(rshards), cfg.data.replay.seed, start_replay, steps * t.grad_accum_steps * replay_micro, cols)
+        datasets["replay"] = ray.data.read_parquet([s.path for s in rshards], columns=list(cols))
     val_sets = {"val": cfg.data.path, **{f"val:{k}": v for k, v in cfg.data.eval_sets.items()}}
     for key, path in val_sets.items():
-        datasets[key] = ray.data.read_parquet([s.path for s in load_shards(path, "val")], columns=["tokens", "row_id"])
+        datasets[key] = ray.data.read_parquet([s.path for s in load_shards(path, "val")], columns=list(cols))
+    if data.image:  # the labelled bank of the k-NN / nearest-class-mean probes: the first training rows
+        datasets["probe"] = ray.data.read_parquet([s.path for s in shards], columns=list(cols))
     fit = {
         "streams": {k: v.to_dict() for k, v in streams.items()},
         "start_step": start_step,
@@ -271,8 +352,10 @@ def run_train(
         "tracking_uri": uri,
         "mlflow_run_id": run_id,
         "marker_path": _marker_path(storage, name) if t.fail_at_step else None,
-        "special_tokens": dict(data.manifest.tokenizer.special_tokens),
+        "special_tokens": {} if data.image else dict(data.manifest.tokenizer.special_tokens),
         "val_sets": list(val_sets),
+        "image": data.image,
+        "probe_set": "probe" if data.image else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -13,6 +13,9 @@ OUT_DIR/
 Every row holds `row_len = seq_len + 1` token ids (inputs plus shifted targets). Row ids are global
 within a split: shard i holds ids `[row_id_start, row_id_start + rows)` in ascending order, so a
 reader can resume from a row id without opening the shards.
+
+Image datasets (`data/image_prepare.py`) have the same layout without the tokenizer, described by
+:class:`ImageManifest` (format "rpt-images-v1"); :func:`load_any_manifest` reads either.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -206,3 +209,215 @@ class Manifest(_Strict):
                         f"{split} shard {str(path)!r} has schema {schema}, expected tokens: "
                         f"{expected_type}, row_id: int64; {_RERUN}"
                     )
+
+
+# ---- image datasets -------------------------------------------------------------------------------
+
+IMAGE_FORMAT = "rpt-images-v1"
+FORMATS = (FORMAT, IMAGE_FORMAT)
+IMAGE_COLUMNS = ("images", "labels", "row_id")
+
+
+class ImageShardInfo(_Strict):
+    path: str = Field(description="Parquet file, relative to the dataset folder (POSIX separators)")
+    rows: int = Field(ge=0)
+    row_id_start: int = Field(ge=0, description="row id of the shard's first row")
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        return ShardInfo._relative(v)
+
+
+class ImageSplitInfo(_Strict):
+    rows: int = Field(ge=0)
+    shards: list[ImageShardInfo] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _contiguous(self) -> ImageSplitInfo:
+        expected_start = 0
+        for shard in self.shards:
+            if shard.row_id_start != expected_start:
+                raise ValueError(
+                    f"shard {shard.path!r} starts at row id {shard.row_id_start}, expected {expected_start} "
+                    "(row ids must be contiguous across shards)"
+                )
+            expected_start += shard.rows
+        if expected_start != self.rows:
+            raise ValueError(f"shards hold {expected_start} rows but the split says rows={self.rows}")
+        return self
+
+
+class ImageManifest(_Strict):
+    """The manifest of a prepared image folder (`data/image_prepare.py`); `ImageManifest.load(dir)`.
+
+    Layout: ``train/part-NNNNN.parquet`` and ``val/part-NNNNN.parquet`` with columns ``images``
+    fixed_size_list<uint8>[channels * image_size * image_size] (each image flattened in (C, H, W) order),
+    ``labels`` int64, ``row_id`` int64 (global within the split, as for text), and with ``instances`` > 1
+    also ``multi_labels`` fixed_size_list<uint8>[n_classes] (multi-hot).
+    """
+
+    format: Literal["rpt-images-v1"] = IMAGE_FORMAT
+    image_size: int = Field(ge=1, description="images are image_size x image_size pixels")
+    channels: int = Field(description="1 (grey) or 3 (RGB)")
+    n_classes: int = Field(ge=1)
+    class_names: list[str] = Field(description="label -> name, n_classes entries")
+    seed: int = Field(ge=0)
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    source: dict[str, Any] = Field(description='how the images were made, e.g. {"kind": "fractals", ...}')
+    splits: dict[Literal["train", "val"], ImageSplitInfo]
+    instances: int = Field(1, ge=1, description="fractal systems per image; > 1 adds a multi_labels column")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ImageManifest:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels={self.channels} is not allowed; allowed: 1 or 3")
+        if len(self.class_names) != self.n_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} entries, n_classes={self.n_classes} (need one per class)"
+            )
+        missing = [s for s in SPLITS if s not in self.splits]
+        if missing:
+            raise ValueError(f"splits {missing} are missing (need {list(SPLITS)})")
+        return self
+
+    @property
+    def pixels(self) -> int:
+        """Values per stored image: channels * image_size * image_size."""
+        return self.channels * self.image_size * self.image_size
+
+    def columns(self) -> list[str]:
+        """The shards' column names, in stored order."""
+        return [*IMAGE_COLUMNS, *(["multi_labels"] if self.instances > 1 else [])]
+
+    def arrow_schema(self) -> pa.Schema:
+        """The schema every shard has."""
+        fields = [
+            pa.field("images", pa.list_(pa.uint8(), self.pixels)),
+            pa.field("labels", pa.int64()),
+            pa.field("row_id", pa.int64()),
+        ]
+        if self.instances > 1:
+            fields.append(pa.field("multi_labels", pa.list_(pa.uint8(), self.n_classes)))
+        return pa.schema(fields)
+
+    # ---- files ---------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ImageManifest:
+        """Read `DIR/manifest.json`; errors name the path and how to create it."""
+        path = _manifest_path(directory)
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValidationError as exc:
+            raise ValueError(
+                f"invalid image manifest {str(path)!r} ({exc.error_count()} errors); {_RERUN}:\n{exc}"
+            ) from exc
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `DIR/manifest.json` atomically (temp file + rename)."""
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
+        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def shard_paths(self, directory: str | Path, split: Literal["train", "val"]) -> list[Path]:
+        """Absolute paths of a split's shards, in row-id order."""
+        return [Path(directory) / s.path for s in self.splits[split].shards]
+
+    def verify(self, directory: str | Path) -> None:
+        """Check that every shard exists with the recorded rows, schema and row-id range.
+
+        Reads only Parquet footers (cheap; the row-id range comes from the column statistics when the
+        writer stored them). Raises FileNotFoundError for a missing file and ValueError for a
+        mismatching or unreadable one, naming the file and suggesting `rpt data prepare`.
+        """
+        directory = Path(directory)
+        expected = self.arrow_schema()
+        for split, info in self.splits.items():
+            for shard in info.shards:
+                path = directory / shard.path
+                if not path.is_file():
+                    raise FileNotFoundError(f"{split} shard {str(path)!r} is missing; {_RERUN}")
+                try:
+                    meta = pq.read_metadata(path)
+                    schema = meta.schema.to_arrow_schema()
+                except (pa.ArrowException, OSError) as exc:
+                    raise ValueError(
+                        f"{split} shard {str(path)!r} is not a readable Parquet file ({exc}); {_RERUN}"
+                    ) from exc
+                if meta.num_rows != shard.rows:
+                    raise ValueError(
+                        f"{split} shard {str(path)!r} holds {meta.num_rows} rows, the manifest "
+                        f"says {shard.rows}; {_RERUN}"
+                    )
+                if schema.names != expected.names or schema.types != expected.types:
+                    raise ValueError(
+                        f"{split} shard {str(path)!r} has columns {_describe(schema)}, expected "
+                        f"{_describe(expected)}; {_RERUN}"
+                    )
+                bounds = _column_bounds(meta, "row_id")
+                want_bounds = (shard.row_id_start, shard.row_id_start + shard.rows - 1)
+                if bounds is not None and shard.rows and bounds != want_bounds:
+                    raise ValueError(
+                        f"{split} shard {str(path)!r} holds row ids {bounds[0]}..{bounds[1]}, the manifest "
+                        f"says {want_bounds[0]}..{want_bounds[1]}; {_RERUN}"
+                    )
+
+
+def _describe(schema: pa.Schema) -> str:
+    """`name: type` pairs, fixed-size lists as `fixed_size_list<uint8>[N]` (no child field name)."""
+
+    def kind(t: pa.DataType) -> str:
+        return f"fixed_size_list<{t.value_type}>[{t.list_size}]" if pa.types.is_fixed_size_list(t) else str(t)
+
+    return ", ".join(f"{f.name}: {kind(f.type)}" for f in schema)
+
+
+def _column_bounds(meta: pq.FileMetaData, column: str) -> tuple[int, int] | None:
+    """(min, max) of an integer column from the row-group statistics; None when any are missing."""
+    idx = meta.schema.names.index(column)
+    lo, hi = None, None
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(idx).statistics
+        if stats is None or not stats.has_min_max:
+            return None
+        lo = stats.min if lo is None else min(lo, stats.min)
+        hi = stats.max if hi is None else max(hi, stats.max)
+    return None if lo is None else (int(lo), int(hi))
+
+
+def _manifest_path(directory: str | Path) -> Path:
+    """`DIR/manifest.json`, or FileNotFoundError naming the path and `rpt data prepare`."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"prepared dataset folder {str(directory)!r} does not exist; create it with "
+            f"`rpt data prepare` (out_dir={str(directory)!r})"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: {str(directory)!r} is not a prepared dataset folder; "
+            "create one with `rpt data prepare`"
+        )
+    return path
+
+
+def load_any_manifest(directory: str | Path) -> Manifest | ImageManifest:
+    """The manifest of a prepared folder, text (`Manifest`) or images (`ImageManifest`), by its "format"."""
+    path = _manifest_path(directory)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"manifest {str(path)!r} is not valid JSON ({exc}); {_RERUN}") from exc
+    # A manifest without "format" predates the field; Manifest's default format applies.
+    fmt = raw.get("format", FORMAT) if isinstance(raw, dict) else None
+    if fmt == FORMAT:
+        return Manifest.load(directory)
+    if fmt == IMAGE_FORMAT:
+        return ImageManifest.load(directory)
+    raise ValueError(
+        f"manifest {str(path)!r} has format {fmt!r}; allowed formats: {', '.join(map(repr, FORMATS))}; {_RERUN}"
+    )

@@ -81,9 +81,19 @@ class DataPosition:
 
 
 def load_shards(prepared_dir: str | Path, split: str) -> list[Shard]:
-    """The shards of ``split`` from ``manifest.json`` (absolute paths)."""
+    """The shards of ``split`` from ``manifest.json`` (absolute paths).
+
+    Reads the raw JSON, so it serves text ("rpt-packed-v1") and image ("rpt-images-v1") folders alike:
+    both list ``splits[split].shards`` as ``{path, rows, row_id_start}``.
+    """
     root = Path(prepared_dir).resolve()
-    manifest = json.loads((root / "manifest.json").read_text())
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: {str(root)!r} is not a prepared dataset folder; "
+            "create one with `rpt data prepare`"
+        )
+    manifest = json.loads(path.read_text())
     return [
         Shard(path=str(root / s["path"]), rows=int(s["rows"]), row_id_start=int(s["row_id_start"]))
         for s in manifest["splits"][split]["shards"]
@@ -179,23 +189,26 @@ class _RangeFilter:
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """One planned stream: its shards, seed, and the per-rank range ``[start, start + count)``."""
+    """One planned stream: its shards, seed, the per-rank range ``[start, start + count)`` and the columns read."""
 
     shards: tuple[Shard, ...]
     seed: int
     start: int
     count: int
+    columns: tuple[str, ...] = ("tokens", "row_id")  # image data: ("images", "labels", "row_id")
 
     def pieces(self, world_size: int, rank: int) -> list[Piece]:
         return rank_pieces(list(self.shards), world_size=world_size, rank=rank, seed=self.seed, start=self.start,
                            count=self.count)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shards": [asdict(s) for s in self.shards], "seed": self.seed, "start": self.start, "count": self.count}
+        return {"shards": [asdict(s) for s in self.shards], "seed": self.seed, "start": self.start, "count": self.count,
+                "columns": list(self.columns)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamPlan:
-        return cls(tuple(Shard(**s) for s in d["shards"]), int(d["seed"]), int(d["start"]), int(d["count"]))
+        return cls(tuple(Shard(**s) for s in d["shards"]), int(d["seed"]), int(d["start"]), int(d["count"]),
+                   tuple(d.get("columns", ("tokens", "row_id"))))
 
 
 def _planned_data_config_base():
@@ -230,7 +243,7 @@ class PlannedDataConfig(_planned_data_config_base()):
             if name in self.streams:
                 plan = self.streams[name]
                 for r in range(world_size):
-                    rds = build_rank_dataset(list(plan.shards), plan.pieces(world_size, r))
+                    rds = build_rank_dataset(list(plan.shards), plan.pieces(world_size, r), list(plan.columns))
                     rds.context.execution_options = self._options(name)
                     out[r][name] = rds.iterator()
             else:

@@ -1,4 +1,4 @@
-"""MLflow ``pyfunc`` wrapper of an exported decoder LM (weights + config + tokenizer).
+"""MLflow ``pyfunc`` wrappers: an exported decoder LM (weights + config + tokenizer) and a ViT image encoder.
 
 Kept free of Ray/DeepSpeed imports so ``mlflow.pyfunc.load_model("models:/NAME@ALIAS")`` works in any
 environment with torch, safetensors, tokenizers and mlflow: the registry ships this package as code.
@@ -40,3 +40,25 @@ class DecoderLMPyfunc(mlflow.pyfunc.PythonModel):
                            top_k=p["top_k"], generator=g, eos_id=eos)
             out.append(self.tokenizer.decode(gen[0, ids.shape[1]:].tolist()))
         return out
+
+
+class ImageEncoderPyfunc(mlflow.pyfunc.PythonModel):
+    """``predict`` takes uint8 images (a numpy array (N, C, H, W), or a DataFrame whose ``image`` column holds
+    one flattened (C·H·W) array per row) and returns their pooled encoder embeddings (N, D) as numpy."""
+
+    def load_context(self, context) -> None:
+        from models.vit_io import load_embedder
+
+        self.embedder = load_embedder(context.artifacts["model_dir"])
+
+    def predict(self, context, model_input: Any, params: dict[str, Any] | None = None):
+        import numpy as np
+        import torch
+
+        p = self.embedder.processor
+        if hasattr(model_input, "columns"):
+            model_input = np.stack([np.asarray(x, dtype=np.uint8) for x in model_input["image"]])
+        arr = np.ascontiguousarray(model_input, dtype=np.uint8)
+        if arr.ndim != 4:  # flattened rows
+            arr = arr.reshape(-1, p.channels, p.image_size, p.image_size)
+        return self.embedder(torch.from_numpy(arr)).numpy()

@@ -4,8 +4,10 @@ One checkpoint folder (one ``ray.train.report``) holds:
 
 - ``ds/``: DeepSpeed engine state, one file set per rank (module, optimizer shards, LR scheduler);
 - ``train_state.json``: step, tokens seen, data position, schedule name + parameters, config, MLflow run;
-- ``model.safetensors`` + ``model_config.json`` + ``tokenizer.json``: consolidated weights for export
-  and the model registry (written by rank 0).
+- export files, consolidated weights written by rank 0 for export and the model registry:
+  ``model.safetensors`` + ``model_config.json`` + ``tokenizer.json`` (decoder LM) or
+  ``encoder.safetensors`` + ``vit_config.json`` + ``image_processor.json`` (+ the whole vision model;
+  :mod:`models.vit_io`).
 
 Each rank writes into its own temporary folder; Ray merges them in ``storage_path``.
 """
@@ -13,7 +15,6 @@ Each rank writes into its own temporary folder; Ray merges them in ``storage_pat
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,25 +56,17 @@ def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] 
     return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
 
 
-def save_checkpoint(
-    engine, directory: str | Path, *, state: TrainState, zero_stage: int, model_cfg, tokenizer_path: str | None
-) -> None:
-    """Write this rank's part of a checkpoint into ``directory`` (all ranks call it)."""
-    from models.io import save_pretrained
+def save_checkpoint(engine, directory: str | Path, *, state: TrainState, zero_stage: int, export) -> None:
+    """Write this rank's part of a checkpoint into ``directory`` (all ranks call it).
 
+    ``export(full_state_dict, directory)`` writes the consolidated export files on rank 0 (the decoder
+    LM's ``model.safetensors`` + tokenizer, or a vision encoder's files: :mod:`trainers.workload`).
+    """
     engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"step": state.step})
     full = consolidated_state_dict(engine, zero_stage)
     if engine.global_rank == 0:
         state.save(directory)
-        module = engine.module
-        if zero_stage == 3:  # parameters are partitioned: rebuild a plain module for export
-            import models
-
-            module = models.build(model_cfg)
-            module.load_state_dict({k: v.float() for k, v in full.items()})
-        save_pretrained(module, model_cfg, directory)
-        if tokenizer_path:
-            shutil.copy(tokenizer_path, Path(directory, "tokenizer.json"))
+        export({k: v.float() for k, v in full.items()}, Path(directory))
 
 
 def load_checkpoint(engine, directory: str | Path) -> TrainState:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models import ModelConfig
+from models.vit import ViTConfig
 
 
 class _Strict(BaseModel):
@@ -43,6 +44,10 @@ class DataSpec(_Strict):
         default_factory=dict,
         description="extra validation sets {name: prepared folder}, logged as val/<name>/loss at every eval",
     )
+    probe_rows: int = Field(
+        1024, ge=1, description="image data: labelled training rows embedded as the k-NN / nearest-class-mean bank"
+    )
+    probe_k: int = Field(20, ge=1, description="image data: neighbours of the k-NN probe (weighted vote)")
 
     @model_validator(mode="after")
     def _check_prepare(self) -> DataSpec:
@@ -50,13 +55,24 @@ class DataSpec(_Strict):
         return self
 
     def prepare_config(self, **overrides: Any):
-        """The :class:`data.prepare.PrepareConfig` that builds ``path`` (None when ``prepare`` is unset)."""
+        """The config that builds ``path`` (None when ``prepare`` is unset): ``kind: images`` gives a
+        :class:`data.image_prepare.ImagePrepareConfig`, no ``kind`` a :class:`data.prepare.PrepareConfig`."""
         if self.prepare is None:
             return None
-        from data.prepare import PrepareConfig
-
         if "out_dir" in self.prepare:
             raise ValueError("data.prepare.out_dir is not allowed: the output folder is data.path")
+        kind = self.prepare.get("kind")
+        if kind == "images":
+            from data.image_prepare import ImagePrepareConfig
+
+            return ImagePrepareConfig(**{**self.prepare, **overrides, "out_dir": self.path})
+        if kind is not None:
+            raise ValueError(
+                f"data.prepare.kind={kind!r} is not allowed; allowed: 'images' (image shards), "
+                "or leave it out for text (tokenized, packed shards)"
+            )
+        from data.prepare import PrepareConfig
+
         return PrepareConfig(**{**self.prepare, **overrides, "out_dir": self.path})
 
 
@@ -155,6 +171,7 @@ class RunConfig(_Strict):
     storage_path: str = Field("results", description="Ray Train storage: checkpoints and run folders")
     data: DataSpec
     model: ModelConfig = Field(default_factory=ModelConfig)
+    vit: ViTConfig | None = Field(None, description="image objectives: the ViT encoder (preset + overrides); None: tiny")
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -165,9 +182,15 @@ class RunConfig(_Strict):
     def _check_families(self) -> RunConfig:
         # Validate the named families here so a bad name/parameter fails on the driver.
         import objectives
+        from objectives.vision import VisionObjective
         from trainers import schedules
 
-        objectives.get(self.objective.name, **self.objective.params)
+        obj = objectives.get(self.objective.name, **self.objective.params)
+        if self.vit is not None and not isinstance(obj, VisionObjective):
+            raise ValueError(
+                f"vit is set but objective {self.objective.name!r} trains the decoder LM (configured under model:); "
+                "remove vit or choose an image objective (mae, hpm, simclr, amcl, barlow_twins, mixed_barlow_twins, clip)"
+            )
         schedules.get(self.schedule.name, **self.schedule_params())
         if self.trainer.init_from and self.trainer.resume_from:
             raise ValueError("set only one of trainer.init_from (weights only) and trainer.resume_from (full state)")

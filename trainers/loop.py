@@ -40,7 +40,8 @@ class FitPlan:
     replay_per_micro: int = 0  # rows of each micro-batch drawn from the replay stream
     special_tokens: dict[str, int] = field(default_factory=dict)
     val_sets: list[str] = field(default_factory=lambda: ["val"])  # dataset names; "val" is the run's own
-    extra: dict[str, Any] = field(default_factory=dict)
+    image: dict[str, Any] | None = None  # image data (image_size, channels, n_classes, class_names); None: tokens
+    probe_set: str | None = None  # dataset name of the labelled probe bank (image runs)
 
 
 def seed_everything(seed: int) -> None:
@@ -62,30 +63,29 @@ class Trainer:
     def __init__(self, cfg: RunConfig, plan: FitPlan):
         import ray.train
 
-        import models
-        import objectives
         from trainers import schedules
         from trainers.engine import build_engine
         from trainers.metrics import MlflowSink, NullSink, peak_tflops
+        from trainers.workload import workload_for
 
         self.cfg, self.plan, t = cfg, plan, cfg.trainer
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.streams = {name: StreamPlan.from_dict(d) for name, d in plan.streams.items()}
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        self.model_cfg = cfg.model.resolve(vocab_size=plan.vocab_size, max_seq_len=plan.seq_len)
-        model = models.build(self.model_cfg)
+        self.work = workload_for(cfg, plan)  # tokens -> decoder LM, or images -> ViT objective
+        self.model_cfg = self.work.model_cfg
+        model = self.work.build_model()
         if t.init_from:
-            self._init_weights(model, t.init_from)
-        self.objective = objectives.get(cfg.objective.name, **cfg.objective.params)
-        if hasattr(self.objective, "setup"):  # objectives that need token ids or the vocabulary
-            self.objective.setup(special_tokens=plan.special_tokens, vocab_size=plan.vocab_size)
+            self.work.init_weights(model, t.init_from)
+        self.objective = self.work.build_objective()
+        self.set_step = getattr(self.objective, "set_step", None)  # step-dependent objectives (HPM's ramp)
         self.schedule_params = cfg.schedule_params()
         lr_fn = schedules.get(cfg.schedule.name, **self.schedule_params)
         self.engine, self.optimizer, self.lr_sched = build_engine(model, t, cfg.optimizer, lr_fn)
         self.device = self.engine.device
         self.sink = MlflowSink(plan.tracking_uri, plan.mlflow_run_id) if self.rank == 0 and plan.mlflow_run_id else NullSink()
-        self.flops_per_token = models.flops_per_token(self.model_cfg, plan.seq_len)
+        self.flops_per_unit = self.work.flops_per_unit
         self.peak_flops = peak_tflops(t.peak_tflops, t.use_gpu) * 1e12
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.state = TrainState(step=plan.start_step, schedule=cfg.schedule_description())
@@ -94,13 +94,6 @@ class Trainer:
         self.micro_rows = {"train": mb - plan.replay_per_micro, **({"replay": plan.replay_per_micro} if "replay" in self.streams else {})}
 
     # ---- setup -------------------------------------------------------------------------------
-    def _init_weights(self, model: torch.nn.Module, path: str) -> None:
-        """Weights only (continual pre-training start): a checkpoint folder's consolidated weights."""
-        from models.io import load_pretrained
-
-        src, _ = load_pretrained(path)
-        model.load_state_dict(src.state_dict())
-
     def _restore(self) -> None:
         import ray.train
 
@@ -159,21 +152,24 @@ class Trainer:
                 step, json.dumps(old, sort_keys=True), json.dumps(new, sort_keys=True), lr_before, lr_after,
             )
 
-    def _val_rows(self, name: str) -> torch.Tensor:
-        """This rank's slice of the first ``eval_rows`` rows of validation set ``name`` (equal count on every rank)."""
+    def _val_rows(self, name: str, want: int) -> dict[str, torch.Tensor]:
+        """This rank's slice of the first ``want`` rows of dataset ``name`` (equal count on every rank), per column."""
         import ray.train
 
-        want = self.cfg.data.eval_rows
-        got = []
-        for batch in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=min(want, 1024), dtypes=torch.long):
-            got.append(batch["tokens"])
-            if sum(len(x) for x in got) >= want:
+        cols = [c for c in self.work.columns if c != "row_id"]
+        got: dict[str, list[torch.Tensor]] = {c: [] for c in cols}
+        have = 0
+        for batch in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=min(want, 1024)):
+            for c in cols:
+                got[c].append(batch[c])
+            have += len(batch[cols[0]])
+            if have >= want:
                 break
-        rows = torch.cat(got)[:want]
-        n = (len(rows) // self.world) * self.world
+        rows = {c: torch.cat(v)[:want] for c, v in got.items()}
+        n = (len(rows[cols[0]]) // self.world) * self.world
         if n == 0:
-            raise ValueError(f"validation split has {len(rows)} rows, fewer than {self.world} workers")
-        return rows[:n][self.rank :: self.world]
+            raise ValueError(f"dataset {name!r} has {len(rows[cols[0]])} rows, fewer than {self.world} workers")
+        return {c: v[:n][self.rank :: self.world] for c, v in rows.items()}
 
     # ---- loop --------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -198,7 +194,8 @@ class Trainer:
             )
             for _ in range(cursor[name] // mb):  # restarted inside this fit: skip rows already committed
                 next(iters[name])
-        vals = {name: self._val_rows(name) for name in self.plan.val_sets}
+        vals = {name: self._val_rows(name, self.cfg.data.eval_rows) for name in self.plan.val_sets}
+        self.probe_rows = self._val_rows(self.plan.probe_set, self.cfg.data.probe_rows) if self.plan.probe_set else None
         if self.state.step == 0:  # the baseline every later val/loss is compared with
             self.sink.log(self._evaluate_all(vals), 0)
 
@@ -222,10 +219,11 @@ class Trainer:
                     cursor[name] += mb
                     self.rows[name] += mb
                     committed[name].append(ids)
-                    parts.append(batch["tokens"])
+                    parts.append(batch)
                 wait_s += time.perf_counter() - t0
-                tokens = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.device, dtype=torch.long, non_blocking=True)
-                prepared = self.objective.prepare({"tokens": tokens}, self.gen)
+                if self.set_step is not None:
+                    self.set_step(self.state.step)
+                prepared = self.objective.prepare(self.work.inputs(parts, self.device), self.gen)
                 loss, metrics = self.objective.loss(self.engine, prepared)
                 self.engine.backward(loss)
                 self.engine.step()
@@ -252,12 +250,14 @@ class Trainer:
                 self._checkpoint(step, evals, committed)
                 committed = {name: [] for name in self.streams}
 
-    def _evaluate_all(self, vals: dict[str, torch.Tensor]) -> dict[str, float]:
-        """``val/loss`` for the run's own validation set, ``val/<name>/loss`` for the others."""
+    def _evaluate_all(self, vals: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+        """``val/loss`` for the run's own validation set, ``val/<name>/loss`` for the others; image runs add
+        ``probe/knn_acc`` and ``probe/ncm_acc`` (and CLIP ``probe/zero_shot_acc``) on the run's own set."""
         out = {}
         for name, rows in vals.items():
             key = "val/loss" if name == "val" else f"val/{name.removeprefix('val:')}/loss"
             out[key] = self.evaluate(rows)
+            out.update(self.work.extra_eval(self, name, rows))
         return out
 
     def _log_train(
@@ -272,18 +272,17 @@ class Trainer:
         dist.all_reduce(buf)
         means = (buf[:-1] / buf[-1]).tolist()
         loss = means[0]
-        tokens = n_micro * self.cfg.trainer.micro_batch_size * self.plan.seq_len  # this rank
-        tps_rank = tokens / dt
-        self.sink.log(
-            {
-                "train/loss": loss,
-                "lr": self.lr_sched.get_last_lr()[0],
-                "perf/tokens_per_s": tps_rank * self.world,
-                "perf/mfu": tps_rank * self.flops_per_token / self.peak_flops,
-                "data/wait_frac": wait_s / dt,
-            },
-            step,
-        )
+        units = n_micro * self.cfg.trainer.micro_batch_size * self.work.units_per_row  # tokens or images, this rank
+        rate_rank = units / dt
+        perf = {
+            "train/loss": loss,
+            "lr": self.lr_sched.get_last_lr()[0],
+            f"perf/{self.work.unit}_per_s": rate_rank * self.world,
+            "data/wait_frac": wait_s / dt,
+        }
+        if self.flops_per_unit:
+            perf["perf/mfu"] = rate_rank * self.flops_per_unit / self.peak_flops
+        self.sink.log(perf, step)
         if keys:
             extra = {f"train/{k}": v for k, v in zip(keys, means[1:], strict=True)}
             for k in keys:  # per-part losses reported as (sum, count) pairs, e.g. UL2's denoisers
@@ -293,17 +292,22 @@ class Trainer:
         self.last_train_loss = loss
 
     @torch.no_grad()
-    def evaluate(self, val: torch.Tensor) -> float:
-        """Mean validation loss over every rank's slice (same number of batches on every rank)."""
+    def evaluate(self, val: dict[str, torch.Tensor]) -> float:
+        """Mean validation loss over every rank's slice (same number of batches on every rank).
+
+        ``prepare(..., None)``: objectives draw masks / views from a fixed seed, so every eval sees the same ones.
+        """
         import torch.distributed as dist
 
         self.engine.eval()
         mb = self.cfg.trainer.micro_batch_size
         total = torch.zeros(2, device=self.device)
-        for i in range(0, len(val), mb):
-            tokens = val[i : i + mb].to(self.device)
-            loss, _ = self.objective.loss(self.engine, self.objective.prepare({"tokens": tokens}, None))
-            total += torch.stack([loss.float() * len(tokens), torch.tensor(float(len(tokens)), device=self.device)])
+        n_rows = len(next(iter(val.values())))
+        for i in range(0, n_rows, mb):
+            inputs = self.work.inputs([{k: v[i : i + mb] for k, v in val.items()}], self.device)
+            n = len(next(iter(inputs.values())))
+            loss, _ = self.objective.loss(self.engine, self.objective.prepare(inputs, None))
+            total += torch.stack([loss.float() * n, torch.tensor(float(n), device=self.device)])
         self.engine.train()
         dist.all_reduce(total)
         return (total[0] / total[1]).item()
@@ -321,23 +325,16 @@ class Trainer:
             epoch_rows=sum(s.rows for s in train.shards) // self.world,
             replay_rows_consumed=self.rows.get("replay", 0),
         )
-        self.state.tokens_seen = step * t.rows_per_step * self.world * self.plan.seq_len
+        self.state.tokens_seen = step * t.rows_per_step * self.world * self.work.units_per_row  # images for image runs
         self.state.data_position = pos.to_dict()
         self.state.mlflow_run_id = self.plan.mlflow_run_id
         self.state.config = self.cfg.model_dump(mode="json")
-        metrics = {"step": step, "tokens_seen": self.state.tokens_seen, "data_epoch": pos.epoch}
+        metrics = {"step": step, f"{self.work.unit}_seen": self.state.tokens_seen, "data_epoch": pos.epoch}
         if getattr(self, "last_train_loss", None) is not None:
             metrics["train/loss"] = self.last_train_loss
         metrics.update(evals or {})
         with tempfile.TemporaryDirectory(prefix="rpt-ckpt-") as tmp:
-            save_checkpoint(
-                self.engine,
-                tmp,
-                state=self.state,
-                zero_stage=t.zero_stage,
-                model_cfg=self.model_cfg,
-                tokenizer_path=self.plan.tokenizer_path,
-            )
+            save_checkpoint(self.engine, tmp, state=self.state, zero_stage=t.zero_stage, export=self.work.export)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         if t.audit_dir:
             # Written after the report returned, i.e. once the rows are part of a persisted checkpoint.
