@@ -337,11 +337,11 @@ def run_train(
         rshards = [sh for p in cfg.data.replay.paths for sh in load_shards(p, "train")]
         streams["replay"] = StreamPlan(tuple(rshards), cfg.data.replay.seed, start_replay, steps * t.grad_accum_steps * replay_micro, cols)
         datasets["replay"] = ray.data.read_parquet([s.path for s in rshards], columns=list(cols))
+    # Evaluation sets are small and fixed: each worker reads them directly (data.stream.read_rows).
     val_sets = {"val": cfg.data.path, **{f"val:{k}": v for k, v in cfg.data.eval_sets.items()}}
-    for key, path in val_sets.items():
-        datasets[key] = ray.data.read_parquet([s.path for s in load_shards(path, "val")], columns=list(cols))
+    eval_shards = {key: [s.path for s in load_shards(path, "val")] for key, path in val_sets.items()}
     if data.image:  # the labelled bank of the k-NN / nearest-class-mean probes: the first training rows
-        datasets["probe"] = ray.data.read_parquet([s.path for s in shards], columns=list(cols))
+        eval_shards["probe"] = [s.path for s in shards]
     fit = {
         "streams": {k: v.to_dict() for k, v in streams.items()},
         "start_step": start_step,
@@ -353,9 +353,8 @@ def run_train(
         "mlflow_run_id": run_id,
         "marker_path": _marker_path(storage, name) if t.fail_at_step else None,
         "special_tokens": {} if data.image else dict(data.manifest.tokenizer.special_tokens),
-        "val_sets": list(val_sets),
+        "eval_shards": eval_shards,
         "image": data.image,
-        "probe_set": "probe" if data.image else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

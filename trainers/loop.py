@@ -39,9 +39,10 @@ class FitPlan:
     marker_path: str | None = None
     replay_per_micro: int = 0  # rows of each micro-batch drawn from the replay stream
     special_tokens: dict[str, int] = field(default_factory=dict)
-    val_sets: list[str] = field(default_factory=lambda: ["val"])  # dataset names; "val" is the run's own
+    # evaluation sets {name: shard paths}, read directly (data.stream.read_rows): "val" (the run's own),
+    # "val:<name>" (data.eval_sets) and, for image runs, "probe" (the labelled k-NN / NCM bank)
+    eval_shards: dict[str, list[str]] = field(default_factory=dict)
     image: dict[str, Any] | None = None  # image data (image_size, channels, n_classes, class_names); None: tokens
-    probe_set: str | None = None  # dataset name of the labelled probe bank (image runs)
 
 
 def seed_everything(seed: int) -> None:
@@ -153,19 +154,11 @@ class Trainer:
             )
 
     def _val_rows(self, name: str, want: int) -> dict[str, torch.Tensor]:
-        """This rank's slice of the first ``want`` rows of dataset ``name`` (equal count on every rank), per column."""
-        import ray.train
+        """This rank's slice of the first ``want`` rows of evaluation set ``name`` (equal count on every rank)."""
+        from data.stream import read_rows
 
         cols = [c for c in self.work.columns if c != "row_id"]
-        got: dict[str, list[torch.Tensor]] = {c: [] for c in cols}
-        have = 0
-        for batch in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=min(want, 1024)):
-            for c in cols:
-                got[c].append(batch[c])
-            have += len(batch[cols[0]])
-            if have >= want:
-                break
-        rows = {c: torch.cat(v)[:want] for c, v in got.items()}
+        rows = {c: torch.from_numpy(v) for c, v in read_rows(self.plan.eval_shards[name], cols, want).items()}
         n = (len(rows[cols[0]]) // self.world) * self.world
         if n == 0:
             raise ValueError(f"dataset {name!r} has {len(rows[cols[0]])} rows, fewer than {self.world} workers")
@@ -194,8 +187,8 @@ class Trainer:
             )
             for _ in range(cursor[name] // mb):  # restarted inside this fit: skip rows already committed
                 next(iters[name])
-        vals = {name: self._val_rows(name, self.cfg.data.eval_rows) for name in self.plan.val_sets}
-        self.probe_rows = self._val_rows(self.plan.probe_set, self.cfg.data.probe_rows) if self.plan.probe_set else None
+        vals = {name: self._val_rows(name, self.cfg.data.eval_rows) for name in self.plan.eval_shards if name != "probe"}
+        self.probe_rows = self._val_rows("probe", self.cfg.data.probe_rows) if "probe" in self.plan.eval_shards else None
         if self.state.step == 0:  # the baseline every later val/loss is compared with
             self.sink.log(self._evaluate_all(vals), 0)
 
