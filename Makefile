@@ -32,7 +32,7 @@ tune-demo: $(STAMP)
 
 # Own process session + hard bound: a killed run must not leave Ray processes behind.
 test: $(STAMP)
-	timeout 3000 setsid $(BIN)/python -m pytest -q -ra --timeout 900 tests
+	timeout 3000 setsid $(BIN)/python -m pytest -q -ra --durations=25 --timeout 900 tests
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

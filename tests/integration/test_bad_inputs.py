@@ -83,6 +83,6 @@ def test_rpt_train_exits_nonzero_before_ray(tmp_path):
     assert not (tmp_path / "res").exists() or not any((tmp_path / "res").iterdir())  # nothing half-written
 
 
-def test_image_objective_is_refused_by_the_text_trainer(data_copy):
-    with pytest.raises(ConfigError, match="image objective"):
+def test_image_objective_on_token_shards_is_refused(data_copy):
+    with pytest.raises(ConfigError, match="trains a ViT on images, but data.path=.* holds token shards"):
         check_data(cfg_for(data_copy, "objective={name: mae}"))
