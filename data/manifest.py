@@ -110,7 +110,23 @@ class DocumentCounts(_Strict):
     val: int = Field(ge=0)
 
 
-class Manifest(_Strict):
+class _ManifestFiles:
+    """File methods shared by :class:`Manifest` and :class:`ImageManifest` (pydantic models with ``splits``)."""
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `DIR/manifest.json` atomically (temp file + rename)."""
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
+        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def shard_paths(self, directory: str | Path, split: Literal["train", "val"]) -> list[Path]:
+        """Absolute paths of a split's shards, in row-id order."""
+        return [Path(directory) / s.path for s in self.splits[split].shards]
+
+
+class Manifest(_ManifestFiles, _Strict):
     """The manifest of a prepared dataset folder; `Manifest.load(dir)` reads and validates it."""
 
     format: Literal["rpt-packed-v1"] = FORMAT
@@ -161,18 +177,6 @@ class Manifest(_Strict):
             raise ValueError(
                 f"invalid manifest {str(path)!r} ({exc.error_count()} errors); {_RERUN}:\n{exc}"
             ) from exc
-
-    def save(self, directory: str | Path) -> Path:
-        """Write `DIR/manifest.json` atomically (temp file + rename)."""
-        path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
-        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
-
-    def shard_paths(self, directory: str | Path, split: Literal["train", "val"]) -> list[Path]:
-        """Absolute paths of a split's shards, in row-id order."""
-        return [Path(directory) / s.path for s in self.splits[split].shards]
 
     def verify(self, directory: str | Path) -> None:
         """Check the tokenizer hash and that every shard exists with the recorded rows and schema.
@@ -248,7 +252,7 @@ class ImageSplitInfo(_Strict):
         return self
 
 
-class ImageManifest(_Strict):
+class ImageManifest(_ManifestFiles, _Strict):
     """The manifest of a prepared image folder (`data/image_prepare.py`); `ImageManifest.load(dir)`.
 
     Layout: ``train/part-NNNNN.parquet`` and ``val/part-NNNNN.parquet`` with columns ``images``
@@ -313,18 +317,6 @@ class ImageManifest(_Strict):
             raise ValueError(
                 f"invalid image manifest {str(path)!r} ({exc.error_count()} errors); {_RERUN}:\n{exc}"
             ) from exc
-
-    def save(self, directory: str | Path) -> Path:
-        """Write `DIR/manifest.json` atomically (temp file + rename)."""
-        path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
-        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
-
-    def shard_paths(self, directory: str | Path, split: Literal["train", "val"]) -> list[Path]:
-        """Absolute paths of a split's shards, in row-id order."""
-        return [Path(directory) / s.path for s in self.splits[split].shards]
 
     def verify(self, directory: str | Path) -> None:
         """Check that every shard exists with the recorded rows, schema and row-id range.
