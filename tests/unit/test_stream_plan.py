@@ -56,3 +56,29 @@ def test_position_round_trip():
     p = DataPosition(rows_consumed=37, world_size=2, seed=3, epoch_rows=15)
     assert p.epoch == 2
     assert DataPosition.from_dict(p.to_dict()) == p
+
+
+def test_read_rows_spans_files_keeps_order_and_list_widths(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.stream import read_rows
+
+    paths = []
+    for i, (lo, hi) in enumerate([(0, 5), (5, 12)]):
+        ids = np.arange(lo, hi)
+        img = np.repeat(ids[:, None], 6, axis=1).astype(np.uint8)  # row r: six pixels of value r
+        table = pa.table({
+            "images": pa.FixedSizeListArray.from_arrays(pa.array(img.ravel()), 6),
+            "labels": pa.array(ids % 3, pa.int64()),
+            "row_id": pa.array(ids, pa.int64()),
+        })
+        paths.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(table, paths[-1])
+    got = read_rows(paths, ["images", "labels"], 8)
+    assert got["images"].shape == (8, 6) and got["images"].dtype == np.uint8
+    np.testing.assert_array_equal(got["images"][:, 0], np.arange(8))
+    np.testing.assert_array_equal(got["labels"], np.arange(8) % 3)
+    assert len(read_rows(paths, ["row_id"], 100)["row_id"]) == 12  # fewer rows than asked: all of them
+    with pytest.raises(ValueError, match="no rows"):
+        read_rows([], ["row_id"], 4)
