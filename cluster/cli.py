@@ -102,7 +102,8 @@ def train(
         _fail(e)
     m = out.metrics
     console.print(f"[bold green]done[/] run [bold]{out.run_name}[/]  step {m.get('step')}  "
-                  f"train/loss {m.get('train/loss', float('nan')):.4f}  val/loss {m.get('val/loss', float('nan')):.4f}")
+                  f"train/loss {m.get('train/loss', float('nan')):.4f}  val/loss {m.get('val/loss', float('nan')):.4f}"
+                  + "".join(f"  {k} {v:.4f}" for k, v in sorted(m.items()) if k.startswith("probe/")))
     console.print(f"MLflow run id: {out.mlflow_run_id}")
     console.print(f"checkpoint:    {out.checkpoint}")
     if out.model_version:

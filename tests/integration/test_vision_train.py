@@ -4,6 +4,8 @@ workers, DeepSpeed ZeRO-2 on CPU, MLflow), with probe metrics at every eval; the
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,10 @@ def check_registered_encoder(out, ckpt: Path, data: Path, uri: str) -> None:
     mlflow.set_tracking_uri(uri)
     py = mlflow.pyfunc.load_model(f"models:/{out.model_name}@current")
     np.testing.assert_allclose(py.predict(images), ref.numpy(), rtol=1e-5, atol=1e-5)
+    # an encoder has no text to generate: the CLI says so instead of failing inside the tokenizer
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", f"{out.model_name}@current", "--prompt", "x",
+                        "--tracking-uri", uri], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 2 and "image encoder" in r.stderr, r.stderr[-1000:]
 
 
 def test_image_objective_on_token_data_is_refused(debug_data, tmp_path):
