@@ -125,6 +125,28 @@ class _ManifestFiles:
         """Absolute paths of a split's shards, in row-id order."""
         return [Path(directory) / s.path for s in self.splits[split].shards]
 
+    def _shard_footers(self, directory: Path):
+        """Every shard's (split, shard info, path, footer metadata, arrow schema), after checking that it exists,
+        is readable Parquet and holds the recorded rows (errors name the file and the fix)."""
+        for split, info in self.splits.items():
+            for shard in info.shards:
+                path = directory / shard.path
+                if not path.is_file():
+                    raise FileNotFoundError(f"{split} shard {str(path)!r} is missing; {_RERUN}")
+                try:
+                    meta = pq.read_metadata(path)
+                    schema = meta.schema.to_arrow_schema()
+                except (pa.ArrowException, OSError) as exc:
+                    raise ValueError(
+                        f"{split} shard {str(path)!r} is not a readable Parquet file ({exc}); {_RERUN}"
+                    ) from exc
+                if meta.num_rows != shard.rows:
+                    raise ValueError(
+                        f"{split} shard {str(path)!r} holds {meta.num_rows} rows, the manifest "
+                        f"says {shard.rows}; {_RERUN}"
+                    )
+                yield split, shard, path, meta, schema
+
 
 class Manifest(_ManifestFiles, _Strict):
     """The manifest of a prepared dataset folder; `Manifest.load(dir)` reads and validates it."""
@@ -191,28 +213,12 @@ class Manifest(_ManifestFiles, _Strict):
         if tokenizer_sha256(tok_path) != self.tokenizer.sha256:
             raise ValueError(f"tokenizer {str(tok_path)!r} does not match the manifest's sha256; {_RERUN}")
         expected_type = pa.list_(pa.int32(), self.row_len)
-        for split, info in self.splits.items():
-            for shard in info.shards:
-                path = directory / shard.path
-                if not path.is_file():
-                    raise FileNotFoundError(f"{split} shard {str(path)!r} is missing; {_RERUN}")
-                try:
-                    meta = pq.read_metadata(path)
-                    schema = meta.schema.to_arrow_schema()
-                except (pa.ArrowException, OSError) as exc:
-                    raise ValueError(
-                        f"{split} shard {str(path)!r} is not a readable Parquet file ({exc}); {_RERUN}"
-                    ) from exc
-                if meta.num_rows != shard.rows:
-                    raise ValueError(
-                        f"{split} shard {str(path)!r} holds {meta.num_rows} rows, the manifest "
-                        f"says {shard.rows}; {_RERUN}"
-                    )
-                if schema.names != ["tokens", "row_id"] or schema.field("tokens").type != expected_type:
-                    raise ValueError(
-                        f"{split} shard {str(path)!r} has schema {schema}, expected tokens: "
-                        f"{expected_type}, row_id: int64; {_RERUN}"
-                    )
+        for split, _, path, _, schema in self._shard_footers(directory):
+            if schema.names != ["tokens", "row_id"] or schema.field("tokens").type != expected_type:
+                raise ValueError(
+                    f"{split} shard {str(path)!r} has schema {schema}, expected tokens: "
+                    f"{expected_type}, row_id: int64; {_RERUN}"
+                )
 
 
 # ---- image datasets -------------------------------------------------------------------------------
@@ -327,35 +333,19 @@ class ImageManifest(_ManifestFiles, _Strict):
         """
         directory = Path(directory)
         expected = self.arrow_schema()
-        for split, info in self.splits.items():
-            for shard in info.shards:
-                path = directory / shard.path
-                if not path.is_file():
-                    raise FileNotFoundError(f"{split} shard {str(path)!r} is missing; {_RERUN}")
-                try:
-                    meta = pq.read_metadata(path)
-                    schema = meta.schema.to_arrow_schema()
-                except (pa.ArrowException, OSError) as exc:
-                    raise ValueError(
-                        f"{split} shard {str(path)!r} is not a readable Parquet file ({exc}); {_RERUN}"
-                    ) from exc
-                if meta.num_rows != shard.rows:
-                    raise ValueError(
-                        f"{split} shard {str(path)!r} holds {meta.num_rows} rows, the manifest "
-                        f"says {shard.rows}; {_RERUN}"
-                    )
-                if schema.names != expected.names or schema.types != expected.types:
-                    raise ValueError(
-                        f"{split} shard {str(path)!r} has columns {_describe(schema)}, expected "
-                        f"{_describe(expected)}; {_RERUN}"
-                    )
-                bounds = _column_bounds(meta, "row_id")
-                want_bounds = (shard.row_id_start, shard.row_id_start + shard.rows - 1)
-                if bounds is not None and shard.rows and bounds != want_bounds:
-                    raise ValueError(
-                        f"{split} shard {str(path)!r} holds row ids {bounds[0]}..{bounds[1]}, the manifest "
-                        f"says {want_bounds[0]}..{want_bounds[1]}; {_RERUN}"
-                    )
+        for split, shard, path, meta, schema in self._shard_footers(directory):
+            if schema.names != expected.names or schema.types != expected.types:
+                raise ValueError(
+                    f"{split} shard {str(path)!r} has columns {_describe(schema)}, expected "
+                    f"{_describe(expected)}; {_RERUN}"
+                )
+            bounds = _column_bounds(meta, "row_id")
+            want_bounds = (shard.row_id_start, shard.row_id_start + shard.rows - 1)
+            if bounds is not None and shard.rows and bounds != want_bounds:
+                raise ValueError(
+                    f"{split} shard {str(path)!r} holds row ids {bounds[0]}..{bounds[1]}, the manifest "
+                    f"says {want_bounds[0]}..{want_bounds[1]}; {_RERUN}"
+                )
 
 
 def _describe(schema: pa.Schema) -> str:
