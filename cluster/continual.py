@@ -47,6 +47,7 @@ class ContinualConfig(BaseModel):
     schedule: dict[str, Any] = Field(description="name + params; task_steps/total_steps are filled from the tasks")
     anneal_steps: int = Field(0, ge=0, description="infinite schedule: anneal branch length after each task (0: none)")
     model: dict[str, Any] = Field(default_factory=lambda: {"preset": "debug"})
+    vit: dict[str, Any] | None = Field(None, description="image objectives (mae, simclr, ...): the ViT encoder")
     objective: dict[str, Any] = Field(default_factory=lambda: {"name": "causal_lm"})
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
@@ -113,6 +114,7 @@ class ContinualConfig(BaseModel):
             "storage_path": self.storage_path,
             "data": data,
             "model": self.model,
+            **({"vit": self.vit} if self.vit is not None else {}),
             "objective": self.objective,
             "schedule": {"name": self.schedule["name"], **self.schedule_params()},
             "optimizer": self.optimizer.model_dump(mode="json"),
@@ -135,7 +137,8 @@ def load_continual(path: str | Path, overrides: list[str] | None = None) -> Cont
 
 
 def prepare_tasks(cfg: ContinualConfig) -> None:
-    """Prepare every task's data that is missing; later tasks reuse task 0's tokenizer (one vocabulary)."""
+    """Prepare every task's data that is missing; later text tasks reuse task 0's tokenizer (one vocabulary)."""
+    from data.image_prepare import prepare_images
     from data.prepare import PrepareConfig, prepare
 
     first = cfg.tasks[0].data
@@ -144,6 +147,9 @@ def prepare_tasks(cfg: ContinualConfig) -> None:
             continue
         if task.data.prepare is None:
             raise ConfigError(f"tasks[{i}].data.path={task.data.path!r} is not prepared and tasks[{i}].data.prepare is unset")
+        if task.data.prepare.get("kind") == "images":  # image tasks: no shared vocabulary to carry over
+            prepare_images(task.data.prepare_config(), progress=False)
+            continue
         params = dict(task.data.prepare)
         if i > 0:
             params["tokenizer"] = str(Path(first.path, "tokenizer.json"))

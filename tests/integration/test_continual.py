@@ -179,3 +179,32 @@ def test_tune_comparison_two_schedules_two_seeds(cl_data, tmp_path):
     assert list(Path(report["tune_dir"]).rglob("events.out.tfevents*"))
     trial_results = list(Path(report["tune_dir"]).rglob("continual_result.json"))
     assert len(trial_results) == 4 and all("L" in json.loads(p.read_text()) for p in trial_results)
+
+
+def test_continual_mae_over_two_fractal_domains(ray_session, tmp_path):
+    """The image path through `rpt continual`: two fractal domains, MAE, infinite schedule with anneal branches,
+    replay of task 0's images in task 1; each task's encoder is registered and loads as an embedder."""
+    from cluster.registry import load_model
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = load_continual(REPO / "configs/continual-mae-debug.yaml", [
+        f"tasks.0.data.path={tmp_path / 'a'}", f"tasks.1.data.path={tmp_path / 'b'}",
+        "tasks.0.data.prepare.train_rows=512", "tasks.1.data.prepare.train_rows=512",
+        "tasks.0.data.prepare.val_rows=64", "tasks.1.data.prepare.val_rows=64",
+        "tasks.0.data.eval_rows=64", "tasks.1.data.eval_rows=64", "tasks.0.data.probe_rows=128",
+        "tasks.1.data.probe_rows=128", "tasks.0.steps=10", "tasks.1.steps=10", "schedule.cooldown_steps=4",
+        "anneal_steps=2", f"storage_path={tmp_path / 'results'}", f"tracking.artifact_root={tmp_path / 'art'}",
+    ])
+    res = run_continual(cfg, tracking_uri=uri)
+    L, La = np.array(res["L"]), np.array(res["L_annealed"])
+    assert L.shape == La.shape == (2, 2) and np.isfinite(L).all() and np.isfinite(La).all()
+    assert [r["step"] for r in res["runs"]] == [10, 20]  # the global step continues across tasks
+    assert L[1, 1] < L[0, 1]  # training on domain b lowers the reconstruction loss on b
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    knn = client.get_metric_history(res["runs"][1]["run_id"], "probe/knn_acc")
+    assert [m.step for m in knn] == [20] and 0.0 <= knn[0].value <= 1.0
+    embedder, processor = load_model("models:/cl-mae-debug@task-1-annealed", tracking_uri=uri)
+    assert processor.objective == "mae"
+    assert embedder(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 64)
