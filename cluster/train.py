@@ -38,12 +38,12 @@ class DataCheck:
     image: dict[str, Any] | None = None  # image data: image_size, channels, n_classes, class_names
 
 
-IMAGE_OBJECTIVES_HINT = "mae, hpm, simclr, amcl, barlow_twins, mixed_barlow_twins, clip"
 
 
 def check_data(cfg: RunConfig) -> DataCheck:
     """Everything about the prepared data that can fail, checked on the driver before Ray starts."""
     from data.manifest import ImageManifest, Manifest, load_any_manifest
+    from objectives.vision import VISION_OBJECTIVES
     from trainers.workload import is_image_objective
 
     root = Path(cfg.data.path)
@@ -58,7 +58,7 @@ def check_data(cfg: RunConfig) -> DataCheck:
         if not image_objective:
             raise ConfigError(
                 f"data.path={cfg.data.path!r} holds images, but objective {cfg.objective.name!r} trains the decoder LM "
-                f"on token shards: choose an image objective ({IMAGE_OBJECTIVES_HINT}) or point data.path at "
+                f"on token shards: choose an image objective ({', '.join(VISION_OBJECTIVES)}) or point data.path at "
                 "data prepared from a text corpus"
             )
         return _check_image_data(cfg, root, manifest)

@@ -42,10 +42,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ShardInfo(_Strict):
+class _ShardBase(_Strict):
+    """A shard of a split (text or images): its file and the row ids it holds."""
+
     path: str = Field(description="Parquet file, relative to the dataset folder (POSIX separators)")
     rows: int = Field(ge=0)
-    tokens: int = Field(ge=0, description="rows * row_len")
     row_id_start: int = Field(ge=0, description="row id of the shard's first row")
 
     @field_validator("path")
@@ -57,6 +58,24 @@ class ShardInfo(_Strict):
         return v
 
 
+def _check_contiguous(shards: list[_ShardBase], rows: int) -> None:
+    """Row ids run 0, 1, ... across the shards in order, and add up to the split's ``rows``."""
+    expected_start = 0
+    for shard in shards:
+        if shard.row_id_start != expected_start:
+            raise ValueError(
+                f"shard {shard.path!r} starts at row id {shard.row_id_start}, expected {expected_start} "
+                "(row ids must be contiguous across shards)"
+            )
+        expected_start += shard.rows
+    if expected_start != rows:
+        raise ValueError(f"shards hold {expected_start} rows but the split says rows={rows}")
+
+
+class ShardInfo(_ShardBase):
+    tokens: int = Field(ge=0, description="rows * row_len")
+
+
 class SplitInfo(_Strict):
     rows: int = Field(ge=0)
     tokens: int = Field(ge=0)
@@ -64,16 +83,7 @@ class SplitInfo(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SplitInfo:
-        expected_start = 0
-        for shard in self.shards:
-            if shard.row_id_start != expected_start:
-                raise ValueError(
-                    f"shard {shard.path!r} starts at row id {shard.row_id_start}, expected {expected_start} "
-                    "(row ids must be contiguous across shards)"
-                )
-            expected_start += shard.rows
-        if expected_start != self.rows:
-            raise ValueError(f"shards hold {expected_start} rows but the split says rows={self.rows}")
+        _check_contiguous(self.shards, self.rows)
         if sum(s.tokens for s in self.shards) != self.tokens:
             raise ValueError(f"shard tokens do not add up to the split's tokens={self.tokens}")
         return self
@@ -228,15 +238,8 @@ FORMATS = (FORMAT, IMAGE_FORMAT)
 IMAGE_COLUMNS = ("images", "labels", "row_id")
 
 
-class ImageShardInfo(_Strict):
-    path: str = Field(description="Parquet file, relative to the dataset folder (POSIX separators)")
-    rows: int = Field(ge=0)
-    row_id_start: int = Field(ge=0, description="row id of the shard's first row")
-
-    @field_validator("path")
-    @classmethod
-    def _relative(cls, v: str) -> str:
-        return ShardInfo._relative(v)
+class ImageShardInfo(_ShardBase):
+    """A shard of an image split (no token count)."""
 
 
 class ImageSplitInfo(_Strict):
@@ -245,16 +248,7 @@ class ImageSplitInfo(_Strict):
 
     @model_validator(mode="after")
     def _contiguous(self) -> ImageSplitInfo:
-        expected_start = 0
-        for shard in self.shards:
-            if shard.row_id_start != expected_start:
-                raise ValueError(
-                    f"shard {shard.path!r} starts at row id {shard.row_id_start}, expected {expected_start} "
-                    "(row ids must be contiguous across shards)"
-                )
-            expected_start += shard.rows
-        if expected_start != self.rows:
-            raise ValueError(f"shards hold {expected_start} rows but the split says rows={self.rows}")
+        _check_contiguous(self.shards, self.rows)
         return self
 
 

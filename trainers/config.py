@@ -182,14 +182,14 @@ class RunConfig(_Strict):
     def _check_families(self) -> RunConfig:
         # Validate the named families here so a bad name/parameter fails on the driver.
         import objectives
-        from objectives.vision import VisionObjective
+        from objectives.vision import VISION_OBJECTIVES, VisionObjective
         from trainers import schedules
 
         obj = objectives.get(self.objective.name, **self.objective.params)
         if self.vit is not None and not isinstance(obj, VisionObjective):
             raise ValueError(
                 f"vit is set but objective {self.objective.name!r} trains the decoder LM (configured under model:); "
-                "remove vit or choose an image objective (mae, hpm, simclr, amcl, barlow_twins, mixed_barlow_twins, clip)"
+                f"remove vit or choose an image objective ({', '.join(VISION_OBJECTIVES)})"
             )
         schedules.get(self.schedule.name, **self.schedule_params())
         if self.trainer.init_from and self.trainer.resume_from:

@@ -75,7 +75,6 @@ class Trainer:
         self.streams = {name: StreamPlan.from_dict(d) for name, d in plan.streams.items()}
         seed_everything(cfg.seed)  # identical initial weights on every rank
         self.work = workload_for(cfg, plan)  # tokens -> decoder LM, or images -> ViT objective
-        self.model_cfg = self.work.model_cfg
         model = self.work.build_model()
         if t.init_from:
             self.work.init_weights(model, t.init_from)

@@ -25,7 +25,6 @@ from trainers.config import RunConfig
 
 
 class TextWorkload:
-    kind = "text"
     columns = ("tokens", "row_id")
     unit = "tokens"
 
@@ -75,7 +74,6 @@ class TextWorkload:
 class ImageWorkload:
     """A ViT trained by a vision objective (issue 5) on image rows ``{images, labels, row_id}``."""
 
-    kind = "images"
     columns = ("images", "labels", "row_id")
     unit = "images"
 
@@ -85,7 +83,6 @@ class ImageWorkload:
         self.cfg, self.plan = cfg, plan
         self.image = plan.image  # image_size, channels, n_classes, class_names (from the manifest)
         self.vit = resolve_vit_config(cfg.vit or ViTConfig())
-        self.model_cfg = self.vit
         self.units_per_row = 1
         self.flops_per_unit = 0.0  # no MFU for images: FLOPs per image depend on the objective (masking, views)
 
