@@ -1,11 +1,13 @@
 """Learning-rate schedules: pure multipliers of the peak LR, chosen by name from a small registry.
 
-A schedule is a frozen dataclass ``f`` with ``f(step) -> float``: the multiplier of the peak LR at the
-0-based global optimizer step. Its parameters are bound at build time, so it pickles (Ray ships it to
-the workers), it can be wrapped in ``torch.optim.lr_scheduler.LambdaLR`` as is, and only the step has to
-be checkpointed. No torch here: this module is pure Python + ``math`` (+ pydantic for the parameters).
+A schedule is a frozen pydantic model ``f`` with ``f(step) -> float``: the multiplier of the peak LR at
+the 0-based global optimizer step. Its fields are its parameters, declared once: they validate the YAML
+``schedule:`` block and are what the function reads. So it pickles (Ray ships it to the workers), it can
+be wrapped in ``torch.optim.lr_scheduler.LambdaLR`` as is, and only the step has to be checkpointed. No
+torch here: this module is pure Python + ``math`` + pydantic.
 
-Schedules (formulas in ``shared/REFERENCES.md`` section 1; t = step, W = warmup, T = total_steps):
+Schedules (formulas in each class's docstring and in the README, "Learning-rate schedules";
+t = step, W = warmup, T = total_steps):
 
 - ``constant``: linear warmup, then 1.
 - ``linear``: linear warmup, then linear decay to ``min_ratio`` at T.
@@ -23,13 +25,17 @@ Usage::
     f = schedules.get("cosine", warmup_steps=100, total_steps=1000, min_ratio=0.1)
     LambdaLR(optimizer, f)
 
+Capabilities: a schedule class declares what the continual and anneal code may ask of it in
+``capabilities`` (see :data:`CAPABILITIES`); callers ask the registry (:func:`with_capability`) rather
+than naming schedules.
+
 Conventions shared by every schedule:
 
 - Warmup: ``f(t) = t / W`` for ``t < W``, so ``f(0) = 0`` and ``f(W) = 1``; ``W = 0`` starts at 1.
 - Phases are given in steps (``warmup_steps``) or as a fraction of a budget (``warmup_frac``), exactly
   one of the two. Fractions are *phase lengths* (not end points) and are resolved at validation time
-  to ``round_half_up(frac * budget)`` steps, so the bound function only sees integers and
-  ``describe()`` records steps (its output can be fed back to ``get``).
+  to ``round_half_up(frac * budget)`` steps, so the function only sees integers and ``describe()``
+  records steps (its output can be fed back to ``get``).
 - Every phase is a half-open interval ``[start, end)`` of steps; by continuity the value at ``end`` is
   the next phase's starting value.
 """
@@ -38,61 +44,93 @@ import bisect
 import logging
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
-from typing import Annotated, Any, Literal, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 logger = logging.getLogger(__name__)
 
 Phase = tuple[str, int, int]
 PositiveInt = Annotated[int, Field(gt=0)]
 
+CAPABILITIES = {
+    "task_boundaries": "takes task_steps (one length per task) and reports where tasks begin",
+    "anneal_branch": "has a constant phase that an anneal branch can start from (constant_phase, anneal_branch)",
+}
 
-class Schedule(Protocol):
-    """What the training loop relies on: a pure multiplier of the peak LR, plus plotting helpers."""
 
-    def __call__(self, step: int) -> float: ...
+class Schedule(BaseModel):
+    """Base of every schedule: the fields are the parameters, ``__call__`` the multiplier of the peak LR.
 
-    def phases(self) -> list[Phase]: ...
+    Unknown fields are an error, not silently ignored. Subclasses resolve fractions and check
+    cross-field constraints in :meth:`_check` (raising ValueError), which runs after field validation.
+    """
 
-    def task_boundaries(self) -> list[int]: ...
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ClassVar[str] = ""  # the registry name, set by @register
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _validate(self):
+        self._check()
+        return self
+
+    def _check(self) -> None:
+        pass
+
+    def _fill(self, **values: Any) -> None:
+        """Set resolved fields during validation (the model is frozen; pydantic keeps fields in __dict__)."""
+        self.__dict__.update(values)
+
+    def __call__(self, step: int) -> float:
+        raise NotImplementedError
+
+    def phases(self) -> list[Phase]:
+        """Named phases ``(phase, start, end)``: half-open step ranges, empty ones left out."""
+        raise NotImplementedError
+
+    def task_boundaries(self) -> list[int]:
+        """Steps where tasks begin (cumulative sums of ``task_steps``, from 0); [] without tasks."""
+        task_steps = getattr(self, "task_steps", None)
+        return _cumulative_starts(task_steps) if task_steps is not None else []
+
+    def constant_phase(self) -> tuple[int, int | None]:
+        """First and last step of the constant phase (last None: open-ended); ``anneal_branch`` schedules."""
+        raise NotImplementedError(f"schedule {self.name!r} has no constant phase")
 
 
 # --------------------------------------------------------------------------------------------------
 # Registry
 
-
-class _Params(BaseModel):
-    """Base of every schedule's parameters: unknown fields are an error, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
+_REGISTRY: dict[str, type[Schedule]] = {}
+_S = TypeVar("_S", bound=type[Schedule])
 
 
-@dataclass(frozen=True)
-class _Entry:
-    params: type[_Params]
-    schedule: type
+def register(name: str) -> Callable[[_S], _S]:
+    """Class decorator: register a :class:`Schedule` subclass under ``name``.
 
-
-_REGISTRY: dict[str, _Entry] = {}
-_S = TypeVar("_S", bound=type)
-
-
-def register(name: str, params: type[_Params]) -> Callable[[_S], _S]:
-    """Class decorator: register a schedule class under ``name`` with its params model.
-
-    The class must provide ``from_params(p)`` (a classmethod building it from validated params),
-    ``__call__(step)``, ``phases()`` and ``task_boundaries()``. A duplicate name raises ValueError.
+    A duplicate name raises ValueError; so does a capability the class does not back (``task_boundaries``
+    needs a ``task_steps`` field, ``anneal_branch`` a ``constant_phase`` method).
     """
 
     def wrap(cls: _S) -> _S:
         if name in _REGISTRY:
             raise ValueError(
-                f"schedule {name!r} is already registered (by {_REGISTRY[name].schedule.__qualname__}); "
+                f"schedule {name!r} is already registered (by {_REGISTRY[name].__qualname__}); "
                 f"cannot register {cls.__qualname__} under the same name"
             )
-        _REGISTRY[name] = _Entry(params=params, schedule=cls)
+        unknown = cls.capabilities - CAPABILITIES.keys()
+        if unknown:
+            raise ValueError(
+                f"schedule {name!r}: unknown capabilities {sorted(unknown)}; known: {list(CAPABILITIES)}"
+            )
+        if "task_boundaries" in cls.capabilities and "task_steps" not in cls.model_fields:
+            raise ValueError(f"schedule {name!r} declares task_boundaries but has no task_steps field")
+        if "anneal_branch" in cls.capabilities and cls.constant_phase is Schedule.constant_phase:
+            raise ValueError(f"schedule {name!r} declares anneal_branch but does not define constant_phase()")
+        cls.name = name
+        _REGISTRY[name] = cls
         return cls
 
     return wrap
@@ -103,15 +141,23 @@ def available() -> list[str]:
     return list(_REGISTRY)
 
 
-def _entry(name: str) -> _Entry:
+def with_capability(capability: str) -> list[str]:
+    """Names of the registered schedules declaring ``capability`` (one of :data:`CAPABILITIES`)."""
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown schedule capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+    return [name for name, cls in _REGISTRY.items() if capability in cls.capabilities]
+
+
+def has_param(name: str, param: str) -> bool:
+    """Whether schedule ``name`` takes parameter ``param``; False for an unregistered name (``get`` says why)."""
+    return name in _REGISTRY and param in _REGISTRY[name].model_fields
+
+
+def params_model(name: str) -> type[Schedule]:
+    """The pydantic model of schedule ``name``: its class (the config layer validates YAML with it)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown schedule {name!r}; available: {', '.join(available())}")
     return _REGISTRY[name]
-
-
-def params_model(name: str) -> type[BaseModel]:
-    """The pydantic params model of schedule ``name`` (the config layer validates YAML with it)."""
-    return _entry(name).params
 
 
 def _format_error(name: str, model: type[BaseModel], exc: ValidationError) -> str:
@@ -127,13 +173,13 @@ def _format_error(name: str, model: type[BaseModel], exc: ValidationError) -> st
             parts.append(f"missing required field {loc!r}")
         elif loc:
             parts.append(f"field {loc!r} = {err['input']!r}: {msg}")
-        else:  # cross-field check from a model validator: its message names the fields
+        else:  # cross-field check from _check: its message names the fields
             parts.append(msg)
     return f"schedule {name!r}: " + "; ".join(parts)
 
 
-def validate(name: str, **params: Any) -> BaseModel:
-    """Validate ``params`` for schedule ``name``; fractions come back resolved to steps.
+def validate(name: str, **params: Any) -> Schedule:
+    """Schedule ``name`` built from validated ``params``; fractions come back resolved to steps.
 
     Raises ValueError naming the schedule, the field, the value and what is allowed.
     """
@@ -146,7 +192,7 @@ def validate(name: str, **params: Any) -> BaseModel:
 
 def get(name: str, **params: Any) -> Schedule:
     """Build schedule ``name`` with validated parameters: a picklable ``f(step) -> float``."""
-    return _entry(name).schedule.from_params(validate(name, **params))
+    return validate(name, **params)
 
 
 def describe(name: str, **params: Any) -> dict[str, Any]:
@@ -154,8 +200,7 @@ def describe(name: str, **params: Any) -> dict[str, Any]:
 
     ``get(d["name"], **d["params"])`` rebuilds the same schedule.
     """
-    p = validate(name, **params)
-    return {"name": name, "params": p.model_dump(mode="json", exclude_none=True)}
+    return {"name": name, "params": validate(name, **params).model_dump(mode="json", exclude_none=True)}
 
 
 def phases(name: str, **params: Any) -> list[Phase]:
@@ -168,6 +213,21 @@ def task_boundaries(name: str, **params: Any) -> list[int]:
     return get(name, **params).task_boundaries()
 
 
+def anneal_branch(
+    params: dict[str, Any], start_step: int, anneal_steps: int, *, name: str = "infinite"
+) -> dict[str, Any]:
+    """Params of schedule ``name`` (an ``anneal_branch`` one) whose anneal begins exactly at ``start_step``.
+
+    See :meth:`InfiniteSchedule.anneal_branch`.
+    """
+    if name not in with_capability("anneal_branch"):
+        raise ValueError(
+            f"anneal_branch: schedule {name!r} has no constant phase to branch from; "
+            f"schedules with one: {', '.join(with_capability('anneal_branch'))}"
+        )
+    return get(name, **params).anneal_branch(start_step, anneal_steps)
+
+
 def evaluate(f: Callable[[int], float], steps: range | int) -> list[float]:
     """``[f(t) for t in steps]``; an int ``n`` means ``range(n)``."""
     if isinstance(steps, int):
@@ -178,7 +238,7 @@ def evaluate(f: Callable[[int], float], steps: range | int) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Helpers shared by the params models and the schedules
+# Helpers shared by the schedules
 
 
 def _round_steps(x: float) -> int:
@@ -186,10 +246,10 @@ def _round_steps(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def _resolve_phase(p: BaseModel, phase: str, budget: int | None, budget_name: str) -> None:
+def _resolve_phase(s: Schedule, phase: str, budget: int | None, budget_name: str) -> None:
     """Set ``<phase>_steps`` from exactly one of ``<phase>_steps`` / ``<phase>_frac`` (then frac = None)."""
     steps_f, frac_f = f"{phase}_steps", f"{phase}_frac"
-    steps, frac = getattr(p, steps_f), getattr(p, frac_f)
+    steps, frac = getattr(s, steps_f), getattr(s, frac_f)
     if steps is not None and frac is not None:
         raise ValueError(f"{steps_f}={steps} and {frac_f}={frac} are both set; give exactly one of them")
     if steps is None and frac is None:
@@ -199,8 +259,7 @@ def _resolve_phase(p: BaseModel, phase: str, budget: int | None, budget_name: st
             raise ValueError(
                 f"{frac_f}={frac} needs {budget_name} to resolve into steps; set it or give {steps_f}"
             )
-        setattr(p, steps_f, _round_steps(frac * budget))
-        setattr(p, frac_f, None)
+        s._fill(**{steps_f: _round_steps(frac * budget), frac_f: None})
 
 
 def _check_warmup(warmup_steps: int, total_steps: int) -> None:
@@ -236,52 +295,44 @@ _STEPS_DOC = "steps (give this or the matching *_frac)"
 _FRAC_DOC = "fraction of the budget (give this or the matching *_steps)"
 
 
-class _ScheduleBase:
-    """Defaults: build from the params fields of the same name; no tasks."""
-
-    @classmethod
-    def from_params(cls, p: BaseModel):
-        return cls(**{f.name: getattr(p, f.name) for f in fields(cls) if f.init})
-
-    def task_boundaries(self) -> list[int]:
-        return []
-
-
 # --------------------------------------------------------------------------------------------------
-# constant
+# constant, linear, cosine: one warmup of total_steps, then a single shape (wsd further down)
 
 
-class ConstantParams(_Params):
-    """Linear warmup, then the peak LR forever."""
+class _WarmupSchedule(Schedule):
+    """Linear warmup of W steps (``warmup_steps`` or ``warmup_frac`` of ``total_steps``), then
+    :meth:`_after_warmup`."""
 
     warmup_steps: int | None = Field(None, ge=0, description=f"warmup length in {_STEPS_DOC}")
     warmup_frac: float | None = Field(
         None, ge=0.0, le=1.0, description=f"warmup length as {_FRAC_DOC} total_steps"
     )
-    total_steps: int | None = Field(
-        None, gt=0, description="optional: the budget warmup_frac refers to, and the end of phases()"
-    )
+    total_steps: int = Field(gt=0, description="T: planned optimizer steps; f = min_ratio from T on")
 
-    @model_validator(mode="after")
-    def _resolve(self):
+    def _check(self) -> None:
         _resolve_phase(self, "warmup", self.total_steps, "total_steps")
         if self.total_steps is not None:
             _check_warmup(self.warmup_steps, self.total_steps)
-        return self
-
-
-@register("constant", ConstantParams)
-@dataclass(frozen=True)
-class ConstantSchedule(_ScheduleBase):
-    """f(t) = t/W for t < W, else 1."""
-
-    warmup_steps: int
-    total_steps: int | None = None
 
     def __call__(self, step: int) -> float:
         _check_step(step)
         if step < self.warmup_steps:
             return step / self.warmup_steps
+        return self._after_warmup(step)
+
+    def _after_warmup(self, step: int) -> float:
+        raise NotImplementedError
+
+
+@register("constant")
+class ConstantSchedule(_WarmupSchedule):
+    """Linear warmup, then the peak LR forever: f(t) = t/W for t < W, else 1."""
+
+    total_steps: int | None = Field(
+        None, gt=0, description="optional: the budget warmup_frac refers to, and the end of phases()"
+    )
+
+    def _after_warmup(self, step: int) -> float:
         return 1.0
 
     def phases(self) -> list[Phase]:
@@ -291,103 +342,71 @@ class ConstantSchedule(_ScheduleBase):
         return _nonempty(("warmup", 0, w), ("constant", w, end))
 
 
-# --------------------------------------------------------------------------------------------------
-# linear
+class _DecaySchedule(_WarmupSchedule):
+    """After warmup: 1 up to the decay start S (W unless overridden), :meth:`_decay` on [S, T), then
+    ``min_ratio``. Subclasses declare the ``min_ratio`` field (after their own fields: describe() order)."""
 
+    def _decay_start(self) -> int:
+        return self.warmup_steps
 
-class LinearParams(_Params):
-    """Linear warmup, then linear decay from 1 to min_ratio at total_steps."""
+    def _decay(self, step: int) -> float:
+        raise NotImplementedError
 
-    warmup_steps: int | None = Field(None, ge=0, description=f"warmup length in {_STEPS_DOC}")
-    warmup_frac: float | None = Field(
-        None, ge=0.0, le=1.0, description=f"warmup length as {_FRAC_DOC} total_steps"
-    )
-    total_steps: int = Field(gt=0, description="T: planned optimizer steps; f = min_ratio from T on")
-    min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="floor as a fraction of the peak LR")
-
-    @model_validator(mode="after")
-    def _resolve(self):
-        _resolve_phase(self, "warmup", self.total_steps, "total_steps")
-        _check_warmup(self.warmup_steps, self.total_steps)
-        return self
-
-
-@register("linear", LinearParams)
-@dataclass(frozen=True)
-class LinearSchedule(_ScheduleBase):
-    """t < W: t/W; W <= t < T: 1 - (1-r)(t-W)/(T-W); t >= T: r."""
-
-    warmup_steps: int
-    total_steps: int
-    min_ratio: float
-
-    def __call__(self, step: int) -> float:
-        _check_step(step)
-        w, t_end, r = self.warmup_steps, self.total_steps, self.min_ratio
-        if step < w:
-            return step / w
-        if step >= t_end:
-            return r
-        return 1.0 - (1.0 - r) * (step - w) / (t_end - w)
+    def _after_warmup(self, step: int) -> float:
+        if step >= self.total_steps:
+            return self.min_ratio
+        if step < self._decay_start():
+            return 1.0
+        return self._decay(step)
 
     def phases(self) -> list[Phase]:
-        w = self.warmup_steps
-        return _nonempty(("warmup", 0, w), ("decay", w, self.total_steps))
+        w, s, t_end = self.warmup_steps, self._decay_start(), self.total_steps
+        return _nonempty(("warmup", 0, w), ("stable", w, s), ("decay", s, t_end))
 
 
-# --------------------------------------------------------------------------------------------------
-# cosine
+@register("linear")
+class LinearSchedule(_DecaySchedule):
+    """Linear warmup, then linear decay from 1 to min_ratio at total_steps.
+
+    t < W: t/W; W <= t < T: 1 - (1-r)(t-W)/(T-W); t >= T: r.
+    """
+
+    min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="floor as a fraction of the peak LR")
+
+    def _decay(self, step: int) -> float:
+        w, t_end = self.warmup_steps, self.total_steps
+        return 1.0 - (1.0 - self.min_ratio) * (step - w) / (t_end - w)
 
 
-class CosineParams(_Params):
-    """Linear warmup, then cosine decay from 1 to min_ratio at total_steps (SGDR, arXiv 1608.03983)."""
-
-    warmup_steps: int | None = Field(None, ge=0, description=f"warmup length in {_STEPS_DOC}")
-    warmup_frac: float | None = Field(
-        None, ge=0.0, le=1.0, description=f"warmup length as {_FRAC_DOC} total_steps"
-    )
-    total_steps: int = Field(gt=0, description="T: planned optimizer steps; f = min_ratio from T on")
-    min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="eta_min / eta_max, the floor of the cosine")
-
-    @model_validator(mode="after")
-    def _resolve(self):
-        _resolve_phase(self, "warmup", self.total_steps, "total_steps")
-        _check_warmup(self.warmup_steps, self.total_steps)
-        return self
-
-
-@register("cosine", CosineParams)
-@dataclass(frozen=True)
-class CosineSchedule(_ScheduleBase):
+@register("cosine")
+class CosineSchedule(_DecaySchedule):
     """Cosine with warmup (Loshchilov & Hutter, SGDR, arXiv 1608.03983, without restarts).
 
     t < W: t/W; W <= t < T: r + (1-r)/2 (1 + cos(pi (t-W)/(T-W))); t >= T: r.
     """
 
-    warmup_steps: int
-    total_steps: int
-    min_ratio: float
+    min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="eta_min / eta_max, the floor of the cosine")
 
-    def __call__(self, step: int) -> float:
-        _check_step(step)
-        w, t_end, r = self.warmup_steps, self.total_steps, self.min_ratio
-        if step < w:
-            return step / w
-        if step >= t_end:
-            return r
-        return _cosine((step - w) / (t_end - w), r)
-
-    def phases(self) -> list[Phase]:
-        w = self.warmup_steps
-        return _nonempty(("warmup", 0, w), ("decay", w, self.total_steps))
+    def _decay(self, step: int) -> float:
+        w, t_end = self.warmup_steps, self.total_steps
+        return _cosine((step - w) / (t_end - w), self.min_ratio)
 
 
 # --------------------------------------------------------------------------------------------------
 # cosine_rewarm
 
 
-class CosineRewarmParams(_Params):
-    """Repeated cosine over tasks, re-warming at every task boundary (continual pre-training baseline)."""
+@register("cosine_rewarm")
+class CosineRewarmSchedule(Schedule):
+    """One warmup + cosine cycle per task: the re-warming baseline (SGDR warm restarts, arXiv 1608.03983;
+    the baseline that the infinite schedule improves on, arXiv 2403.08763 / 2503.02844).
+
+    In task k (starts at B_k, length I_k, re-warm W_k), tau = t - B_k, s = 0 for the first task and
+    min_ratio r for later ones: tau < W_k: s + (1-s) tau/W_k; else r + (1-r)/2 (1 + cos(pi (tau-W_k)/(I_k-W_k))).
+    After the last task: r. Re-warming is what causes forgetting.
+    """
+
+    capabilities: ClassVar[frozenset[str]] = frozenset({"task_boundaries"})
 
     task_steps: list[PositiveInt] = Field(min_length=1, description="optimizer steps of each task, in order")
     warmup_steps: int | list[int] | None = Field(
@@ -404,8 +423,10 @@ class CosineRewarmParams(_Params):
         0.0, ge=0.0, le=1.0, description="floor of each cosine and start of each re-warm"
     )
 
-    @model_validator(mode="after")
-    def _resolve(self):
+    _starts: tuple[int, ...] = PrivateAttr()
+    _warmups: tuple[int, ...] = PrivateAttr()  # per task
+
+    def _check(self) -> None:
         n = len(self.task_steps)
         if self.warmup_steps is not None and self.warmup_frac is not None:
             raise ValueError(
@@ -418,8 +439,9 @@ class CosineRewarmParams(_Params):
                 "or warmup_frac (fraction of each task's length)"
             )
         if self.warmup_frac is not None:
-            self.warmup_steps = [_round_steps(self.warmup_frac * i) for i in self.task_steps]
-            self.warmup_frac = None
+            self._fill(
+                warmup_steps=[_round_steps(self.warmup_frac * i) for i in self.task_steps], warmup_frac=None
+            )
         if isinstance(self.warmup_steps, list) and len(self.warmup_steps) != n:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} has {len(self.warmup_steps)} entries but task_steps has {n}; "
@@ -433,33 +455,8 @@ class CosineRewarmParams(_Params):
                 raise ValueError(
                     f"warmup_steps={w} must be < task_steps[{k}]={i} (each task needs steps after its re-warm)"
                 )
-        return self
-
-
-@register("cosine_rewarm", CosineRewarmParams)
-@dataclass(frozen=True)
-class CosineRewarmSchedule(_ScheduleBase):
-    """One warmup + cosine cycle per task: the re-warming baseline (SGDR warm restarts, arXiv 1608.03983;
-    the baseline that the infinite schedule improves on, arXiv 2403.08763 / 2503.02844).
-
-    In task k (starts at B_k, length I_k, re-warm W_k), tau = t - B_k, s = 0 for the first task and
-    min_ratio r for later ones: tau < W_k: s + (1-s) tau/W_k; else r + (1-r)/2 (1 + cos(pi (tau-W_k)/(I_k-W_k))).
-    After the last task: r. Re-warming is what causes forgetting.
-    """
-
-    task_steps: tuple[int, ...]
-    warmup_steps: tuple[int, ...]
-    min_ratio: float
-    _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "_starts", tuple(_cumulative_starts(self.task_steps)))
-
-    @classmethod
-    def from_params(cls, p: CosineRewarmParams):
-        w = p.warmup_steps
-        per_task = tuple(w) if isinstance(w, list) else (w,) * len(p.task_steps)
-        return cls(task_steps=tuple(p.task_steps), warmup_steps=per_task, min_ratio=p.min_ratio)
+        self._warmups = tuple(per_task)
+        self._starts = tuple(_cumulative_starts(self.task_steps))
 
     def __call__(self, step: int) -> float:
         _check_step(step)
@@ -467,7 +464,7 @@ class CosineRewarmSchedule(_ScheduleBase):
         if step >= self._starts[-1] + self.task_steps[-1]:
             return r
         k = bisect.bisect_right(self._starts, step) - 1
-        tau, length, w = step - self._starts[k], self.task_steps[k], self.warmup_steps[k]
+        tau, length, w = step - self._starts[k], self.task_steps[k], self._warmups[k]
         if tau < w:
             s = 0.0 if k == 0 else r
             return s + (1.0 - s) * tau / w
@@ -475,27 +472,37 @@ class CosineRewarmSchedule(_ScheduleBase):
 
     def phases(self) -> list[Phase]:
         out: list[Phase] = []
-        for k, (b, i, w) in enumerate(zip(self._starts, self.task_steps, self.warmup_steps, strict=True)):
+        for k, (b, i, w) in enumerate(zip(self._starts, self.task_steps, self._warmups, strict=True)):
             out += _nonempty((f"task{k}:warmup", b, b + w), (f"task{k}:decay", b + w, b + i))
         return out
 
-    def task_boundaries(self) -> list[int]:
-        return list(self._starts)
-
 
 # --------------------------------------------------------------------------------------------------
-# wsd
+# wsd (its decay starts at T - D instead of W)
 
 DecayShape = Literal["linear", "1-sqrt", "cosine", "exponential"]
 
 
-class WSDParams(_Params):
-    """Warmup-stable-decay (MiniCPM, arXiv 2404.06395; Hägele et al. 2024, arXiv 2405.18392)."""
+def _wsd_decay(shape: str, x: float, r: float) -> float:
+    if shape == "linear":
+        return 1.0 - (1.0 - r) * x
+    if shape == "1-sqrt":
+        return r + (1.0 - r) * (1.0 - math.sqrt(x))
+    if shape == "cosine":
+        return _cosine(x, r)
+    if shape == "exponential":
+        return r**x
+    raise AssertionError(f"unvalidated decay_shape {shape!r}")
 
-    warmup_steps: int | None = Field(None, ge=0, description=f"warmup length in {_STEPS_DOC}")
-    warmup_frac: float | None = Field(
-        None, ge=0.0, le=1.0, description=f"warmup length as {_FRAC_DOC} total_steps"
-    )
+
+@register("wsd")
+class WSDSchedule(_DecaySchedule):
+    """Warmup-stable-decay (MiniCPM, arXiv 2404.06395; Hägele et al. 2024, arXiv 2405.18392).
+
+    S = T - D, x = (t - S)/D: t < W: t/W; W <= t < S: 1; S <= t < T: decay(x) with
+    linear 1-(1-r)x, 1-sqrt r+(1-r)(1-sqrt x), cosine r+(1-r)/2 (1+cos pi x), exponential r^x; t >= T: r.
+    """
+
     total_steps: int = Field(gt=0, description="T: the decay ends here; f = min_ratio from T on")
     decay_steps: int | None = Field(
         None, gt=0, description=f"D, decay length in {_STEPS_DOC}; 10-20% of T is usual"
@@ -506,8 +513,7 @@ class WSDParams(_Params):
     )
     min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="r = eta_min / eta_max reached at total_steps")
 
-    @model_validator(mode="after")
-    def _resolve(self):
+    def _check(self) -> None:
         _resolve_phase(self, "warmup", self.total_steps, "total_steps")
         _resolve_phase(self, "decay", self.total_steps, "total_steps")
         _check_warmup(self.warmup_steps, self.total_steps)
@@ -524,52 +530,13 @@ class WSDParams(_Params):
             raise ValueError(
                 f"min_ratio={self.min_ratio} must be > 0 with decay_shape='exponential' (r^x needs r > 0)"
             )
-        return self
 
+    def _decay_start(self) -> int:
+        return self.total_steps - self.decay_steps
 
-def _wsd_decay(shape: str, x: float, r: float) -> float:
-    if shape == "linear":
-        return 1.0 - (1.0 - r) * x
-    if shape == "1-sqrt":
-        return r + (1.0 - r) * (1.0 - math.sqrt(x))
-    if shape == "cosine":
-        return _cosine(x, r)
-    if shape == "exponential":
-        return r**x
-    raise AssertionError(f"unvalidated decay_shape {shape!r}")
-
-
-@register("wsd", WSDParams)
-@dataclass(frozen=True)
-class WSDSchedule(_ScheduleBase):
-    """Warmup-stable-decay (MiniCPM, arXiv 2404.06395; Hägele et al. 2024, arXiv 2405.18392).
-
-    S = T - D, x = (t - S)/D: t < W: t/W; W <= t < S: 1; S <= t < T: decay(x) with
-    linear 1-(1-r)x, 1-sqrt r+(1-r)(1-sqrt x), cosine r+(1-r)/2 (1+cos pi x), exponential r^x; t >= T: r.
-    """
-
-    warmup_steps: int
-    total_steps: int
-    decay_steps: int
-    decay_shape: str
-    min_ratio: float
-
-    def __call__(self, step: int) -> float:
-        _check_step(step)
-        w, t_end, r = self.warmup_steps, self.total_steps, self.min_ratio
-        if step < w:
-            return step / w
-        if step >= t_end:
-            return r
-        s = t_end - self.decay_steps
-        if step < s:
-            return 1.0
-        return _wsd_decay(self.decay_shape, (step - s) / self.decay_steps, r)
-
-    def phases(self) -> list[Phase]:
-        w, t_end = self.warmup_steps, self.total_steps
-        s = t_end - self.decay_steps
-        return _nonempty(("warmup", 0, w), ("stable", w, s), ("decay", s, t_end))
+    def _decay(self, step: int) -> float:
+        x = (step - self._decay_start()) / self.decay_steps
+        return _wsd_decay(self.decay_shape, x, self.min_ratio)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -578,8 +545,14 @@ class WSDSchedule(_ScheduleBase):
 CooldownShape = Literal["cosine", "inv_sqrt", "linear"]
 
 
-class InfiniteParams(_Params):
+@register("infinite")
+class InfiniteSchedule(Schedule):
     """Infinite schedule (Ibrahim et al. 2024, arXiv 2403.08763; "Beyond Cosine Decay", arXiv 2503.02844).
+
+    u = t - W, K = C + constant_steps, c = const_ratio, r = min_ratio:
+    t < W: t/W (once for the whole task sequence); 0 <= u < C: cooldown 1 - (1-c) g(u/C) with
+    g = (1 - cos pi x)/2 (cosine), h(x)/h(1), h(x) = 1/sqrt(1+alpha x) - 1 (inv_sqrt), or x (linear);
+    C <= u <= K: c; K < u < K+A: c (r/c)^((u-K)/A); u >= K+A: r. With A = 0 it stays at c forever.
 
     Budget for the ``*_frac`` fields: ``total_steps``, else ``sum(task_steps)``. If neither
     ``constant_steps`` nor ``constant_frac`` is given, the constant phase is derived: with ``task_steps``,
@@ -588,6 +561,8 @@ class InfiniteParams(_Params):
     anneal ends at the budget). Defaults of the ratios are the authors' LM values
     (eta_const = 1.65e-4, eta_min = 3e-5 for eta_max = 3e-4).
     """
+
+    capabilities: ClassVar[frozenset[str]] = frozenset({"task_boundaries", "anneal_branch"})
 
     warmup_steps: int | None = Field(
         None, ge=0, description=f"W, warmup length in {_STEPS_DOC}; once for all tasks"
@@ -620,8 +595,7 @@ class InfiniteParams(_Params):
         description="optional steps per task: boundaries/plots only, the function ignores them",
     )
 
-    @model_validator(mode="after")
-    def _resolve(self):
+    def _check(self) -> None:
         if self.total_steps is not None:
             budget, budget_name = self.total_steps, "total_steps"
         elif self.task_steps is not None:
@@ -647,7 +621,7 @@ class InfiniteParams(_Params):
                     f"anneal_steps={a}); shorten the phases or give constant_steps"
                 )
             logger.info("infinite schedule: constant_steps derived as %s = %d", how, derived)
-            self.constant_steps = derived
+            self._fill(constant_steps=derived)
         else:
             _resolve_phase(self, "constant", budget, budget_name)
         if self.min_ratio > self.const_ratio:
@@ -669,36 +643,6 @@ class InfiniteParams(_Params):
                     end,
                     self.total_steps,
                 )
-        return self
-
-
-@register("infinite", InfiniteParams)
-@dataclass(frozen=True)
-class InfiniteSchedule(_ScheduleBase):
-    """Infinite schedule (Ibrahim et al. 2024, arXiv 2403.08763; "Beyond Cosine Decay", arXiv 2503.02844).
-
-    u = t - W, K = C + constant_steps, c = const_ratio, r = min_ratio:
-    t < W: t/W (once for the whole task sequence); 0 <= u < C: cooldown 1 - (1-c) g(u/C) with
-    g = (1 - cos pi x)/2 (cosine), h(x)/h(1), h(x) = 1/sqrt(1+alpha x) - 1 (inv_sqrt), or x (linear);
-    C <= u <= K: c; K < u < K+A: c (r/c)^((u-K)/A); u >= K+A: r. With A = 0 it stays at c forever.
-    """
-
-    warmup_steps: int
-    cooldown_steps: int
-    constant_steps: int
-    anneal_steps: int
-    const_ratio: float
-    min_ratio: float
-    cooldown_shape: str
-    inv_sqrt_alpha: float
-    total_steps: int | None = None
-    task_steps: tuple[int, ...] | None = None
-
-    @classmethod
-    def from_params(cls, p: InfiniteParams):
-        kw = {f.name: getattr(p, f.name) for f in fields(cls)}
-        kw["task_steps"] = tuple(p.task_steps) if p.task_steps is not None else None
-        return cls(**kw)
 
     def _cooldown(self, x: float) -> float:
         c = self.const_ratio
@@ -758,38 +702,37 @@ class InfiniteSchedule(_ScheduleBase):
             out += _nonempty(("floor", k_end + a, horizon))
         return out
 
-    def task_boundaries(self) -> list[int]:
-        return _cumulative_starts(self.task_steps) if self.task_steps is not None else []
+    def constant_phase(self) -> tuple[int, int | None]:
+        """Steps [W + C, W + K] at const_ratio; open-ended (None) when anneal_steps is 0."""
+        lo = self.warmup_steps + self.cooldown_steps
+        return lo, (lo + self.constant_steps if self.anneal_steps > 0 else None)
 
+    def anneal_branch(self, start_step: int, anneal_steps: int) -> dict[str, Any]:
+        """Params of this schedule with its anneal beginning exactly at ``start_step``.
 
-def anneal_branch(params: dict[str, Any], start_step: int, anneal_steps: int) -> dict[str, Any]:
-    """Params of an infinite schedule whose anneal begins exactly at ``start_step``.
+        Ibrahim et al. (arXiv 2403.08763): the main line trains on at const_ratio; to release a model, a
+        branch resumed from a constant-phase checkpoint anneals for ``anneal_steps``. The returned schedule
+        equals this one for every t <= start_step (so the branch resumes seamlessly), and
+        f(start_step) = const_ratio, f(start_step + anneal_steps) = min_ratio. Fractions come back resolved
+        to steps and ``total_steps`` is set to ``start_step + anneal_steps``.
 
-    Ibrahim et al. (arXiv 2403.08763): the main line trains on at const_ratio; to release a model, a
-    branch resumed from a constant-phase checkpoint anneals for ``anneal_steps``. The returned schedule
-    equals the original for every t <= start_step (so the branch resumes seamlessly), and
-    f(start_step) = const_ratio, f(start_step + anneal_steps) = min_ratio. Fractions come back resolved
-    to steps and ``total_steps`` is set to ``start_step + anneal_steps``.
-
-    ``start_step`` must lie in the constant phase [W + C, W + K] (open-ended when the original
-    anneal_steps is 0); otherwise ValueError saying where the constant phase is.
-    """
-    p = validate("infinite", **params)
-    if anneal_steps < 1:
-        raise ValueError(f"anneal_branch: anneal_steps={anneal_steps} must be >= 1")
-    lo = p.warmup_steps + p.cooldown_steps
-    hi = lo + p.constant_steps if p.anneal_steps > 0 else None
-    if start_step < lo or (hi is not None and start_step > hi):
-        where = f"[{lo}, {hi}]" if hi is not None else f"[{lo}, inf)"
-        raise ValueError(
-            f"anneal_branch: start_step={start_step} is outside the constant phase, steps {where} "
-            f"(warmup_steps={p.warmup_steps}, cooldown_steps={p.cooldown_steps}, "
-            f"constant_steps={p.constant_steps}, anneal_steps={p.anneal_steps}); "
-            "branch from a checkpoint taken in the constant phase"
+        ``start_step`` must lie in the constant phase (:meth:`constant_phase`); otherwise ValueError
+        saying where the constant phase is.
+        """
+        if anneal_steps < 1:
+            raise ValueError(f"anneal_branch: anneal_steps={anneal_steps} must be >= 1")
+        lo, hi = self.constant_phase()
+        if start_step < lo or (hi is not None and start_step > hi):
+            where = f"[{lo}, {hi}]" if hi is not None else f"[{lo}, inf)"
+            raise ValueError(
+                f"anneal_branch: start_step={start_step} is outside the constant phase, steps {where} "
+                f"(warmup_steps={self.warmup_steps}, cooldown_steps={self.cooldown_steps}, "
+                f"constant_steps={self.constant_steps}, anneal_steps={self.anneal_steps}); "
+                "branch from a checkpoint taken in the constant phase"
+            )
+        out = self.model_dump(mode="json", exclude_none=True)
+        out.update(
+            constant_steps=start_step - lo, anneal_steps=anneal_steps, total_steps=start_step + anneal_steps
         )
-    out = p.model_dump(mode="json", exclude_none=True)
-    out.update(
-        constant_steps=start_step - lo, anneal_steps=anneal_steps, total_steps=start_step + anneal_steps
-    )
-    validate("infinite", **out)  # e.g. min_ratio must be > 0 now that there is an anneal
-    return out
+        validate(self.name, **out)  # e.g. min_ratio must be > 0 now that there is an anneal
+        return out

@@ -1,8 +1,9 @@
 """Exact-value tests of the LR schedules (trainers/schedules.py).
 
-The expected values in the tables are worked out by hand from the formulas in shared/REFERENCES.md
-section 1 at steps chosen so that cos / sqrt / powers come out round (cos(pi/3) = 1/2, sqrt(0.25) = 1/2,
-0.25^0.5 = 1/2, ...); they are not produced by calling the code under test.
+The expected values in the tables are worked out by hand from the formulas in the schedule classes'
+docstrings (and the papers they cite) at steps chosen so that cos / sqrt / powers come out round
+(cos(pi/3) = 1/2, sqrt(0.25) = 1/2, 0.25^0.5 = 1/2, ...); they are not produced by calling the code
+under test.
 """
 
 import json
@@ -48,11 +49,52 @@ def test_params_model_is_the_pydantic_class():
 def test_duplicate_registration_raises():
     with pytest.raises(ValueError, match="'cosine' is already registered"):
 
-        @schedules.register("cosine", schedules.CosineParams)
+        @schedules.register("cosine")
         class Again:  # pragma: no cover - never registered
             pass
 
     assert schedules.available().count("cosine") == 1
+
+
+def test_capabilities_are_declared_by_the_schedule_classes():
+    assert schedules.with_capability("task_boundaries") == ["cosine_rewarm", "infinite"]
+    assert schedules.with_capability("anneal_branch") == ["infinite"]
+    assert schedules.params_model("infinite").capabilities == {"task_boundaries", "anneal_branch"}
+    with pytest.raises(ValueError, match="unknown schedule capability 'anneal'; known: task_boundaries"):
+        schedules.with_capability("anneal")
+    assert schedules.has_param("cosine", "total_steps")
+    assert not schedules.has_param("cosine_rewarm", "total_steps")  # its budget is the tasks
+    assert not schedules.has_param("nope", "total_steps")
+
+
+def test_register_checks_declared_capabilities():
+    with pytest.raises(ValueError, match="declares task_boundaries but has no task_steps field"):
+
+        @schedules.register("no_tasks")
+        class NoTasks(schedules.Schedule):  # pragma: no cover - never registered
+            capabilities = frozenset({"task_boundaries"})
+
+    with pytest.raises(ValueError, match="declares anneal_branch but does not define constant_phase"):
+
+        @schedules.register("no_constant")
+        class NoConstant(schedules.Schedule):  # pragma: no cover - never registered
+            capabilities = frozenset({"anneal_branch"})
+
+    with pytest.raises(ValueError, match="unknown capabilities"):
+
+        @schedules.register("typo")
+        class Typo(schedules.Schedule):  # pragma: no cover - never registered
+            capabilities = frozenset({"anneal"})
+
+    assert {"no_tasks", "no_constant", "typo"}.isdisjoint(schedules.available())
+
+
+def test_schedule_is_its_params_model_and_immutable():
+    f = schedules.get("cosine", warmup_frac=0.1, total_steps=100)
+    assert isinstance(f, schedules.params_model("cosine")) and f.name == "cosine"
+    assert (f.warmup_steps, f.warmup_frac) == (10, None)
+    with pytest.raises(ValueError, match="frozen"):
+        f.warmup_steps = 3
 
 
 def test_describe_is_json_and_round_trips():
@@ -357,6 +399,19 @@ def test_anneal_branch_bad_inputs():
     no_floor = dict(INF_BASE, anneal_steps=0, min_ratio=0.0)
     with pytest.raises(ValueError, match="min_ratio"):
         schedules.anneal_branch(no_floor, start_step=1000, anneal_steps=100)
+
+
+def test_constant_phase_and_anneal_branch_need_the_capability():
+    assert schedules.get("infinite", **INF_BASE).constant_phase() == (600, 2600)
+    assert schedules.get("infinite", **dict(INF_BASE, anneal_steps=0)).constant_phase() == (600, None)
+    with pytest.raises(
+        ValueError, match="'cosine' has no constant phase to branch from; schedules with one: infinite"
+    ):
+        schedules.anneal_branch(
+            dict(warmup_steps=1, total_steps=10), start_step=5, anneal_steps=2, name="cosine"
+        )
+    with pytest.raises(NotImplementedError, match="no constant phase"):
+        schedules.get("cosine", warmup_steps=1, total_steps=10).constant_phase()
 
 
 # ---------------------------------------------------------------------------------------- fractions
