@@ -1,4 +1,5 @@
-"""Anneal branches of the infinite schedule (Ibrahim et al. 2024, arXiv 2403.08763).
+"""Anneal branches of the infinite schedule (Ibrahim et al. 2024, arXiv 2403.08763): any schedule with
+the ``anneal_branch`` capability (``trainers.schedules.with_capability``).
 
 The main line trains at the constant LR ``η_const`` for as long as data keeps coming. To release a
 model, a *branch* continues from a constant-phase checkpoint with the exponential anneal to ``η_min``
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from cluster.config import ConfigError, apply_overrides, validate_config
 from cluster.train import TrainOutcome, run_train
+from trainers import schedules
 from trainers.checkpoint import TrainState
 
 
@@ -43,24 +45,23 @@ def resolve_checkpoint(source: str, tracking_uri: str) -> Path:
 
 
 def anneal_config(checkpoint: Path, steps: int, overrides: list[str], alias: str):
-    """The run config of an anneal branch from ``checkpoint``: its own config, the infinite schedule
-    annealing from the checkpoint's step for ``steps`` steps, full state resumed."""
-    from trainers import schedules
-
+    """The run config of an anneal branch from ``checkpoint``: its own config, its schedule annealing
+    from the checkpoint's step for ``steps`` steps, full state resumed."""
     st = TrainState.load(checkpoint)
-    sched = st.schedule
-    if sched.get("name") != "infinite":
+    name = st.schedule.get("name")
+    branching = schedules.with_capability("anneal_branch")
+    if name not in branching:
         raise ConfigError(
-            f"checkpoint {checkpoint} was trained with schedule {sched.get('name')!r}: anneal branches start "
-            "from the constant phase of the 'infinite' schedule"
+            f"checkpoint {checkpoint} was trained with schedule {name!r}: anneal branches start "
+            f"from the constant phase of the {' or '.join(map(repr, branching))} schedule"
         )
     try:
-        params = schedules.anneal_branch(sched["params"], start_step=st.step, anneal_steps=steps)
+        params = schedules.anneal_branch(st.schedule["params"], start_step=st.step, anneal_steps=steps, name=name)
     except ValueError as e:
         raise ConfigError(f"checkpoint {checkpoint} at step {st.step}: {e}") from None
     raw = dict(st.config)
     raw["name"] = f"{raw['name']}-anneal-s{st.step}"
-    raw["schedule"] = {"name": "infinite", **params}
+    raw["schedule"] = {"name": name, **params}
     raw["trainer"] = {**raw["trainer"], "max_steps": st.step + steps, "resume_from": str(checkpoint.resolve()),
                       "init_from": None, "fail_at_step": None}
     raw["tracking"] = {**raw["tracking"], "alias": alias}

@@ -3,9 +3,10 @@
 Each task is one Ray Train fit that continues the previous task's full state (global step,
 optimizer, LR schedule; Ibrahim et al. 2024, arXiv 2403.08763) on the new task's data, optionally
 mixed with replay of earlier tasks. After each task the model is evaluated on every task's
-validation set, filling ``L[i][j]`` (REFERENCES.md §2), and registered with the alias ``task-i``.
-With the infinite schedule an anneal branch of each task is trained and evaluated too
-(``task-i-annealed``); the main line continues from the pre-anneal checkpoint at η_const.
+validation set, filling ``L[i][j]`` (metrics in cluster/continual_metrics.py), and registered with the
+alias ``task-i``. With a schedule that has a constant phase (capability ``anneal_branch``: the infinite
+schedule) an anneal branch of each task is trained and evaluated too (``task-i-annealed``); the main
+line continues from the pre-anneal checkpoint at η_const.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cluster import tracking
 from cluster.config import ConfigError, apply_overrides, load_raw, validate_config
 from cluster.continual_metrics import summary
+from trainers import schedules
 from trainers.config import DataSpec, OptimizerSpec, TrackingSpec, TrainerSpec
 
 log = logging.getLogger(__name__)
-SCHEDULES_WITH_TASKS = ("cosine_rewarm", "infinite")
 
 
 class TaskSpec(BaseModel):
@@ -45,7 +46,8 @@ class ContinualConfig(BaseModel):
     start: str | None = Field(None, description="None (scratch), an exported model/checkpoint folder, or models:/NAME@ALIAS")
     tasks: list[TaskSpec] = Field(min_length=1)
     schedule: dict[str, Any] = Field(description="name + params; task_steps/total_steps are filled from the tasks")
-    anneal_steps: int = Field(0, ge=0, description="infinite schedule: anneal branch length after each task (0: none)")
+    anneal_steps: int = Field(0, ge=0, description="anneal branch length after each task (0: none); needs a "
+                              "schedule with a constant phase (capability anneal_branch, e.g. infinite)")
     model: dict[str, Any] = Field(default_factory=lambda: {"preset": "debug"})
     vit: dict[str, Any] | None = Field(None, description="image objectives (mae, simclr, ...): the ViT encoder")
     objective: dict[str, Any] = Field(default_factory=lambda: {"name": "causal_lm"})
@@ -62,17 +64,17 @@ class ContinualConfig(BaseModel):
             for r in t.replay_tasks or []:
                 if r not in names[:i]:
                     raise ValueError(f"tasks[{i}].replay_tasks: {r!r} is not an earlier task (earlier: {names[:i]})")
-        if self.anneal_steps and self.schedule.get("name") != "infinite":
-            raise ValueError("anneal_steps > 0 needs schedule.name: infinite (anneal branches of the constant phase)")
         if self.anneal_steps:
-            from trainers import schedules
-
-            p = schedules.validate("infinite", **self.schedule_params())
-            if p.warmup_steps + p.cooldown_steps > self.tasks[0].steps:
+            branching = schedules.with_capability("anneal_branch")
+            if self.schedule.get("name") not in branching:
+                raise ValueError(f"anneal_steps > 0 needs schedule.name: {' | '.join(branching)} "
+                                 "(anneal branches of the constant phase)")
+            start, _ = schedules.get(self.schedule["name"], **self.schedule_params()).constant_phase()
+            if start > self.tasks[0].steps:
                 raise ValueError(
                     f"anneal_steps={self.anneal_steps}: task 0 ends at step {self.tasks[0].steps}, before the constant "
-                    f"phase starts (warmup_steps + cooldown_steps = {p.warmup_steps + p.cooldown_steps}); anneal "
-                    "branches start in the constant phase: shorten warmup/cooldown or lengthen task 0"
+                    f"phase starts (step {start}); anneal branches start in the constant phase: shorten the phases "
+                    "before it (warmup, cooldown) or lengthen task 0"
                 )
         for i in range(len(self.tasks)):  # every task config must validate, on the driver
             self.task_config(i, previous_checkpoint="/dev/null" if i else None)
@@ -83,11 +85,12 @@ class ContinualConfig(BaseModel):
         return [t.steps for t in self.tasks]
 
     def schedule_params(self) -> dict[str, Any]:
+        """The schedule's params, with ``task_steps`` / ``total_steps`` filled from the tasks where it takes them."""
         s = {k: v for k, v in self.schedule.items() if k != "name"}
         name = self.schedule["name"]
-        if name in SCHEDULES_WITH_TASKS:
+        if name in schedules.with_capability("task_boundaries"):
             s.setdefault("task_steps", self.task_steps)
-        if name != "cosine_rewarm":
+        if schedules.has_param(name, "total_steps"):
             s.setdefault("total_steps", sum(self.task_steps))
         return s
 
@@ -175,7 +178,7 @@ def run_continual(
     cfg: ContinualConfig, *, tracking_uri: str | None = None, address: str | None = None,
     parent_run_id: str | None = None, run_tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Train the task sequence; returns L, the annealed L (infinite), the summary metrics and run ids."""
+    """Train the task sequence; returns L, the annealed L (anneal_steps > 0), the summary metrics and run ids."""
     from mlflow import MlflowClient
 
     from cluster.anneal import run_anneal

@@ -1,7 +1,8 @@
 """Continual pre-training metrics over the loss matrix ``L[i][j]``.
 
-``L[i][j]`` is the validation loss on task ``j`` after finishing task ``i`` (tasks ``0..n-1``); see
-REFERENCES.md §2 and the seed paper "Beyond Cosine Decay" (arXiv 2503.02844):
+``L[i][j]`` is the validation loss on task ``j`` after finishing task ``i`` (tasks ``0..n-1``), as in
+"Beyond Cosine Decay" (arXiv 2503.02844), the paper whose comparison ``rpt tune`` repeats (README,
+"Continual pre-training and the schedule comparison"):
 
 - adaptation on task ``i``: ``L[i][i]`` (how well the model learned the task it just trained on);
   ``mean_adaptation`` averages it over tasks;

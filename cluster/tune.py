@@ -1,10 +1,11 @@
 """Ray Tune comparison of LR schedules over a continual task sequence (``rpt tune CONFIG``).
 
 Every trial runs the whole sequence (``cluster.continual.run_continual``): one Ray Train fit per
-task, launched from the Tune function trainable (the Train V2 pattern: REFERENCES.md §4). MLflow
-holds a parent run for the experiment, a child run per trial and, below it, one per task. At the
-end a report compares the schedules: mean ± std over seeds of the final average loss, mean
-forgetting and mean adaptation, with plots logged to the parent run.
+task, launched from inside a Tune function trainable (how Ray Train V2 combines Train with Tune; the
+trainable itself reserves almost no CPU, see :func:`run_tune`). MLflow holds a parent run for the
+experiment, a child run per trial and, below it, one per task. At the end a report compares the
+schedules: mean ± std over seeds of the final average loss, mean forgetting and mean adaptation, with
+plots logged to the parent run (README, "Continual pre-training and the schedule comparison").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cluster import tracking
 from cluster.config import ConfigError, apply_overrides, format_validation_error, load_raw
+from trainers import schedules
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,8 @@ class TuneConfig(BaseModel):
         for key, value in point.items():
             if key == "schedule":
                 out.append(f"schedule={json.dumps(self.schedules[value])}")
-                if self.schedules[value].get("name") != "infinite":
-                    out.append("anneal_steps=0")  # anneal branches exist only for the infinite schedule
+                if self.schedules[value].get("name") not in schedules.with_capability("anneal_branch"):
+                    out.append("anneal_steps=0")  # only schedules with a constant phase have anneal branches
             else:
                 out.append(f"{key}={json.dumps(value)}")
         return out

@@ -67,3 +67,20 @@ def test_bad_continual_configs():
         load_continual(CFG, ["tasks.0.steps=10"])
     with pytest.raises(ConfigError, match="not an index"):
         load_continual(CFG, ["tasks.7.steps=3"])
+
+
+def test_schedule_params_follow_the_schedules_declared_capabilities():
+    cfg = load_continual(CFG)  # infinite: task_steps (task_boundaries) and total_steps are filled in
+    assert cfg.schedule_params()["task_steps"] == [30, 30, 30] and cfg.schedule_params()["total_steps"] == 90
+    rw = load_continual(CFG, ["anneal_steps=0", "schedule={name: cosine_rewarm, warmup_steps: 3}"])
+    assert rw.schedule_params() == {"warmup_steps": 3, "task_steps": [30, 30, 30]}  # no total_steps field
+    cos = load_continual(CFG, ["anneal_steps=0", "schedule={name: cosine, warmup_steps: 3}"])
+    assert cos.schedule_params() == {"warmup_steps": 3, "total_steps": 90}  # no task boundaries
+
+
+def test_tune_trials_drop_anneal_branches_for_schedules_without_a_constant_phase():
+    from cluster.tune import load_tune
+
+    tune = load_tune(REPO / "configs/tune-debug.yaml")
+    assert "anneal_steps=0" in tune.trial_overrides({"schedule": "cosine_rewarm"})
+    assert "anneal_steps=0" not in tune.trial_overrides({"schedule": "infinite"})
