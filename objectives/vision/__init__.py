@@ -1,4 +1,5 @@
-"""Vision pre-training objectives (issue 5), registered in the objective registry on import.
+"""Vision pre-training objectives, registered in the objective registry on import (README, "Vision and
+contrastive pre-training").
 
 | name | paper |
 |---|---|
@@ -26,9 +27,9 @@ holds the losses as tensor functions.
 from objectives.vision import clip as _clip  # noqa: F401  (registers)
 from objectives.vision import contrastive as _contrastive  # noqa: F401
 from objectives.vision import masked as _masked  # noqa: F401
-from objectives.vision.base import VisionObjective
+from objectives.vision.base import VisionObjective, registered_vision_objectives
 from objectives.vision.model import VisionModel, build_model
 
-VISION_OBJECTIVES = ("mae", "hpm", "simclr", "amcl", "barlow_twins", "mixed_barlow_twins", "clip")
+VISION_OBJECTIVES = registered_vision_objectives()  # every vision objective is registered by the imports above
 
-__all__ = ["VISION_OBJECTIVES", "VisionModel", "VisionObjective", "build_model"]
+__all__ = ["VISION_OBJECTIVES", "VisionModel", "VisionObjective", "build_model", "registered_vision_objectives"]

@@ -11,6 +11,7 @@ from torch import nn
 
 from data import augment as A
 from models.vit import ResolvedViTConfig, ViTConfig, ViTEncoder, resolve_vit_config
+from objectives.hooks import ObjectiveHooks
 
 
 def call(model: nn.Module, part: str, *args: Any, **kwargs: Any) -> Any:
@@ -19,7 +20,7 @@ def call(model: nn.Module, part: str, *args: Any, **kwargs: Any) -> Any:
     return model(part, *args, **kwargs)
 
 
-class VisionObjective:
+class VisionObjective(ObjectiveHooks):
     """Base class of the vision objectives.
 
     Subclasses set ``Params`` (with an ``augment: AugmentConfig`` field) and implement
@@ -78,6 +79,14 @@ class VisionObjective:
             return call(model, "encoder", self.normalize(images), pool=True).float()
         finally:
             model.train(was_training)
+
+
+def registered_vision_objectives() -> tuple[str, ...]:
+    """Names of the registered objectives whose class is a :class:`VisionObjective` (sorted, as
+    ``objectives.available()``)."""
+    from objectives import registry
+
+    return tuple(n for n in registry.available() if issubclass(registry._REGISTRY[n], VisionObjective))
 
 
 def passthrough_labels(batch: dict[str, torch.Tensor], out: dict[str, Any]) -> dict[str, Any]:

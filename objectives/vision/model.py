@@ -65,7 +65,7 @@ def build_model(
     ``objectives.get`` does; ``vit_cfg``: a ViT preset name, a ``vit:`` dict or config.
     """
     from objectives import registry
-    from objectives.vision.base import VisionObjective
+    from objectives.vision.base import VisionObjective, registered_vision_objectives
 
     if isinstance(params, BaseModel):
         params = params.model_dump()
@@ -73,7 +73,7 @@ def build_model(
     if not isinstance(objective, VisionObjective):
         raise ValueError(
             f"objective {objective_name!r} is not a vision objective; vision objectives: "
-            f"{', '.join(n for n in registry.available() if issubclass(registry._REGISTRY[n], VisionObjective))}"
+            f"{', '.join(registered_vision_objectives())}"
         )
     vit = resolve_vit_config(vit_cfg)
     parts = type(objective).build_modules(objective.params, vit)

@@ -348,6 +348,12 @@ def test_build_model_parts_and_errors():
         V.build_model("mae", {"mask_ratio": 1.5}, TINY_VIT)
 
 
+def test_vision_objectives_are_the_registered_vision_objective_classes():
+    assert set(V.VISION_OBJECTIVES) == {"mae", "hpm", "simclr", "amcl", "barlow_twins", "mixed_barlow_twins", "clip"}
+    assert V.VISION_OBJECTIVES == tuple(n for n in objectives.available() if n in V.VISION_OBJECTIVES)
+    assert "causal_lm" in objectives.available() and "causal_lm" not in V.VISION_OBJECTIVES
+
+
 @pytest.mark.parametrize("name", V.VISION_OBJECTIVES)
 def test_loss_decreases_over_20_adam_steps_with_stable_metric_keys(name):
     torch.set_num_threads(1)
