@@ -1,4 +1,8 @@
-"""``rpt``: the command line. Thin: each command parses, then calls one function."""
+"""``rpt``: the command line. Thin: each command parses, then calls one function.
+
+The in-process commands are defined here; ``submit``, ``jobs`` and ``cluster`` (running on a Ray
+cluster) are defined in cluster/cli_ops.py and added to :data:`app` by :func:`cluster.cli_ops.register`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import sys
 
 import typer
 from rich.console import Console
+
+from cluster import cli_ops
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="ray-pretrain: distributed pre-training on Ray.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect run configs.")
@@ -144,13 +150,14 @@ def generate(
     from cluster.registry import load_model
     from cluster.tracking import resolve_tracking_uri
     from models import generate as sample
+    from models.vit_io import ImageProcessor
 
     try:
         model, tok = load_model(uri, tracking_uri=resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri))
     except Exception as e:
         _fail(e)
-    if not hasattr(tok, "token_to_id"):
-        _fail(ValueError(f"{uri} is an image encoder (objective {getattr(tok, 'objective', '?')!r}): it embeds "
+    if isinstance(tok, ImageProcessor):  # load_model returns (ImageEmbedder, ImageProcessor) for an encoder
+        _fail(ValueError(f"{uri} is an image encoder (objective {tok.objective!r}): it embeds "
                          "images and has no text to generate; load it with cluster.registry.load_model"))
     eos = tok.token_to_id("<|eos|>")
     ids = torch.tensor([tok.encode(prompt).ids or [eos]])
@@ -256,14 +263,7 @@ def schedules_list() -> None:
     console.print("\n".join(schedules.available()))
 
 
-def _register_ops() -> None:
-    """``submit``, ``jobs`` and ``cluster`` (Ray Jobs and the local multi-process cluster) live in cli_ops."""
-    from cluster.cli_ops import register
-
-    register(app)
-
-
-_register_ops()
+cli_ops.register(app)  # after the commands above: the order of `rpt --help`
 
 
 def main() -> None:

@@ -1,12 +1,13 @@
 """``rpt submit``, ``rpt jobs ...`` and ``rpt cluster ...``: running on a Ray cluster instead of in-process.
 
-Added to the main app by :func:`register`. Thin, like cluster/cli.py: parse, call one function of
-cluster/jobs.py or cluster/local_cluster.py, print.
+cluster/cli.py adds them to the ``rpt`` app with :func:`register`; this module does not import it.
+Thin, like cluster/cli.py: parse, call one function of cluster/jobs.py or cluster/local_cluster.py, print.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -244,11 +245,14 @@ def register(app: typer.Typer) -> None:
     app.add_typer(cluster_app, name="cluster")
 
 
-if __name__ == "__main__":  # `python -m cluster.cli_ops ...` = `rpt ...` with these commands registered
-    import sys
+def main() -> None:
+    """``python -m cluster.cli_ops submit|jobs|cluster ...``: these commands alone, as ``rpt`` runs them."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help="ray-pretrain on a Ray cluster: submit, jobs, cluster (`rpt` has every command).")
+    register(app)
+    app()
 
-    from cluster.cli import app as _app
-    from cluster.cli import main as _main
 
-    register(_app)
-    sys.exit(_main())
+if __name__ == "__main__":
+    main()

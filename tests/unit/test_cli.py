@@ -1,0 +1,45 @@
+"""The `rpt` app: commands from cluster/cli.py and cluster/cli_ops.py, assembled without an import cycle."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_cli_ops_does_not_import_cli_and_rpt_has_every_command():
+    code = (
+        "import sys, cluster.cli_ops; assert 'cluster.cli' not in sys.modules; "
+        "from cluster.cli import app; "
+        "print(sorted([c.name or c.callback.__name__ for c in app.registered_commands] "
+        "+ [g.name for g in app.registered_groups]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(
+        ["train", "generate", "continual", "tune", "anneal", "submit",
+         "config", "data", "models", "schedules", "jobs", "cluster"]
+    ))  # fmt: skip
+
+
+def test_generate_refuses_an_image_encoder(monkeypatch):
+    import cluster.registry
+    from cluster.cli import app
+    from models.vit_io import ImageProcessor
+
+    processor = ImageProcessor(image_size=8, channels=1, objective="mae")
+    monkeypatch.setattr(cluster.registry, "load_model", lambda uri, tracking_uri=None: (object(), processor))
+    result = CliRunner().invoke(app, ["generate", "enc@current", "--prompt", "x"])
+    assert result.exit_code == 2
+    assert "image encoder (objective 'mae')" in " ".join((result.stderr or result.output).split())
+
+
+def test_schedules_list_prints_the_registry():
+    from cluster.cli import app
+    from trainers import schedules
+
+    result = CliRunner().invoke(app, ["schedules", "list"])
+    assert result.exit_code == 0 and result.output.split() == schedules.available()
