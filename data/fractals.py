@@ -353,13 +353,6 @@ def default_points(size: int) -> int:
     return 2 * size * size
 
 
-def fractal_dataset(num_rows: int, **kwargs):
-    """A Ray Dataset of ``num_rows`` fractal images (:class:`FractalRows` keyword arguments)."""
-    import ray.data
-
-    return ray.data.range(num_rows).map_batches(FractalRows(**kwargs), batch_format="numpy")
-
-
 def measure_throughput(*, size: int = 64, batch: int = 256, n_classes: int = 100, seconds: float = 3.0,
                        points: int | None = None) -> float:
     """Images per second of :func:`render_batch` on this process (one core), single-instance, coloured."""
