@@ -8,12 +8,15 @@ for N steps, into a new run; the source checkpoint is only read, so the main lin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cluster.config import ConfigError, apply_overrides, validate_config
 from cluster.train import TrainOutcome, run_train
 from trainers import schedules
 from trainers.checkpoint import TrainState
+from trainers.config import TrainerSpec
 
 
 def resolve_checkpoint(source: str, tracking_uri: str) -> Path:
@@ -62,17 +65,19 @@ def anneal_config(checkpoint: Path, steps: int, overrides: list[str], alias: str
     raw = dict(st.config)
     raw["name"] = f"{raw['name']}-anneal-s{st.step}"
     raw["schedule"] = {"name": name, **params}
-    raw["trainer"] = {**raw["trainer"], "max_steps": st.step + steps, "resume_from": str(checkpoint.resolve()),
-                      "init_from": None, "fail_at_step": None}
+    # fields of the checkpoint's trainer config that this version still has (older ones may hold removed fields)
+    trainer = {k: v for k, v in raw["trainer"].items() if k in TrainerSpec.model_fields}
+    raw["trainer"] = {**trainer, "max_steps": st.step + steps, "resume_from": str(checkpoint.resolve()),
+                      "init_from": None}
     raw["tracking"] = {**raw["tracking"], "alias": alias}
     return validate_config(apply_overrides(raw, overrides), source=f"anneal branch of {checkpoint}")
 
 
 def run_anneal(
     source: str, *, steps: int, overrides: list[str] | None = None, alias: str = "annealed",
-    tracking_uri: str, address: str | None = None, parent_run_id: str | None = None,
+    tracking_uri: str, address: str | None = None, parent_run_id: str | None = None, callbacks: Sequence[Any] = (),
 ) -> TrainOutcome:
     ckpt = resolve_checkpoint(source, tracking_uri)
     cfg = anneal_config(ckpt, steps, list(overrides or []), alias)
     return run_train(cfg, address=address, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                     tags={"rpt.anneal_source": str(ckpt.resolve())})
+                     tags={"rpt.anneal_source": str(ckpt.resolve())}, callbacks=callbacks)

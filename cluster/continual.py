@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,7 @@ def _resolve_start(cfg: ContinualConfig, tracking_uri: str) -> str | None:
 
 def run_continual(
     cfg: ContinualConfig, *, tracking_uri: str | None = None, address: str | None = None,
-    parent_run_id: str | None = None, run_tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None, run_tags: dict[str, str] | None = None, callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Train the task sequence; returns L, the annealed L (anneal_steps > 0), the summary metrics and run ids."""
     from mlflow import MlflowClient
@@ -207,7 +208,7 @@ def run_continual(
     for i, _task in enumerate(cfg.tasks):
         tcfg = cfg.task_config(i, previous_checkpoint=previous, start_folder=start_folder)
         out = run_train(tcfg, tracking_uri=uri, address=address, parent_run_id=seq,
-                        tags={"rpt.task": str(i), "rpt.task_name": names[i]})
+                        tags={"rpt.task": str(i), "rpt.task_name": names[i]}, callbacks=callbacks)
         row = [float(out.metrics[f"val/{n}/loss"]) for n in names]
         L.append(row)
         client.log_batch(seq, metrics=[_metric(f"L/{names[i]}/{n}", v, i) for n, v in zip(names, row, strict=True)])

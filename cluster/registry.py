@@ -1,11 +1,9 @@
 """MLflow Model Registry: register an exported checkpoint, set aliases, pull and load models back.
 
-A registered version holds the export files as pyfunc artifacts, with the ``models`` package as code, so it
-loads with ``mlflow.pyfunc.load_model("models:/NAME@ALIAS")`` or with :func:`load_model` here:
-
-- decoder LM: ``model.safetensors`` + ``model_config.json`` + ``tokenizer.json``; pyfunc predict: text;
-- image encoder: ``encoder.safetensors`` + ``vit_config.json`` + ``image_processor.json``; pyfunc predict:
-  embeddings of images.
+A registered version holds the workload's export files (:mod:`trainers.workloads`: the decoder LM's
+weights, config and tokenizer; an image encoder's weights, ViT config and image processor) as pyfunc
+artifacts, with the ``models`` package as code, so it loads with ``mlflow.pyfunc.load_model("models:/NAME@ALIAS")``
+or with :func:`load_model` here. Which kind a folder holds is the spec's answer (its marker file).
 """
 
 from __future__ import annotations
@@ -15,15 +13,15 @@ import tempfile
 from pathlib import Path
 
 import models
-
-MODEL_FILES = ("model.safetensors", "model_config.json")
-LM_FILES = (*MODEL_FILES, "tokenizer.json")
-VISION_FILES = ("encoder.safetensors", "vit_config.json", "image_processor.json")
+from trainers import workloads
 
 
-def _export_files(directory: Path) -> tuple[str, ...]:
-    """The export files of a checkpoint or pulled folder: the image encoder's when it has a ViT config."""
-    return VISION_FILES if (directory / "vit_config.json").is_file() else LM_FILES
+def _spec_of(directory: Path, what: str):
+    spec = workloads.for_export(directory)
+    if spec is None:
+        markers = ", ".join(workloads.get(k).export_marker for k in workloads.available())
+        raise FileNotFoundError(f"{what} holds none of {markers}: it was not written by ray-pretrain")
+    return spec
 
 
 def register_checkpoint(
@@ -36,32 +34,28 @@ def register_checkpoint(
     import mlflow
     from mlflow import MlflowClient
 
-    from models.pyfunc import DecoderLMPyfunc, ImageEncoderPyfunc
-
     ckpt = Path(checkpoint_dir)
-    files = _export_files(ckpt)
+    spec = _spec_of(ckpt, f"checkpoint {ckpt}")
+    files = spec.registry_files(ckpt)
     missing = [f for f in files if not (ckpt / f).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint {ckpt} lacks {missing}: it was not written by ray-pretrain")
-    vision = files == VISION_FILES
+    python_model, requirements = spec.pyfunc()
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp, "model")
         model_dir.mkdir()
-        for f in VISION_FILES if vision else MODEL_FILES:
+        for f in files:
             shutil.copy(ckpt / f, model_dir / f)
-        artifacts = {"model_dir": str(model_dir)}
-        if not vision:
-            artifacts["tokenizer"] = str(ckpt / "tokenizer.json")
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=ImageEncoderPyfunc() if vision else DecoderLMPyfunc(),
-                artifacts=artifacts,
+                python_model=python_model,
+                artifacts={"model_dir": str(model_dir)},
                 code_paths=[str(Path(models.__file__).parent)],
-                pip_requirements=["torch", "safetensors", "mlflow", "pydantic"] if vision
-                else ["torch", "safetensors", "tokenizers", "mlflow"],
+                pip_requirements=requirements,
+                signature=spec.signature(),
                 registered_model_name=name,
             )
     version = int(info.registered_model_version)
@@ -88,12 +82,14 @@ def pull(uri: str, dest: str | Path, *, tracking_uri: str | None = None) -> Path
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_normalise_uri(uri), dst_path=tmp))
-        files = VISION_FILES if any(local.rglob("vit_config.json")) else LM_FILES
-        for f in files:
-            found = sorted(local.rglob(f))
-            if not found:
+        folders = [p.parent for k in workloads.available() for p in local.rglob(workloads.get(k).export_marker)]
+        if not folders:
+            raise FileNotFoundError(f"{uri} holds no model export: it was not registered by ray-pretrain")
+        src = folders[0]
+        for f in _spec_of(src, uri).registry_files(src):
+            if not (src / f).is_file():
                 raise FileNotFoundError(f"{uri} holds no {f}: it was not registered by ray-pretrain")
-            shutil.copy(found[0], dest / f)
+            shutil.copy(src / f, dest / f)
     return dest
 
 
@@ -106,20 +102,7 @@ def load_model(uri: str, *, tracking_uri: str | None = None):
     """
     path = Path(uri)
     if path.is_dir():
-        return _load_local(path)
+        return _spec_of(path, str(path)).load_export(path)
     with tempfile.TemporaryDirectory() as tmp:
-        return _load_local(pull(uri, tmp, tracking_uri=tracking_uri))
-
-
-def _load_local(path: Path):
-    if _export_files(path) == VISION_FILES:
-        from models.vit_io import load_embedder
-
-        embedder = load_embedder(path)
-        return embedder, embedder.processor
-    from tokenizers import Tokenizer
-
-    from models.io import load_pretrained
-
-    model, _ = load_pretrained(path)
-    return model.eval(), Tokenizer.from_file(str(path / "tokenizer.json"))
+        local = pull(uri, tmp, tracking_uri=tracking_uri)
+        return _spec_of(local, uri).load_export(local)

@@ -21,7 +21,6 @@ come from a Secret, see docs/kubernetes.md).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import posixpath
 import tempfile
@@ -46,8 +45,6 @@ _S3_OPTIONS: dict[str, type] = {
     "connect_timeout": float,
     "tls_ca_file_path": str,
 }
-# Consolidated export files of a checkpoint (what the registry needs), see trainers/checkpoint.py.
-EXPORT_FILES = ("model.safetensors", "model_config.json", "tokenizer.json")
 
 
 class StorageError(ValueError):
@@ -163,7 +160,7 @@ class Storage:
             state_file = _join(info.path, TRAIN_STATE, remote=self.remote)
             if not self.exists(state_file):
                 continue  # a checkpoint still being written, or one from a crashed report
-            found.append((TrainState(**json.loads(self.read_text(state_file))), info.path))
+            found.append((TrainState.from_json(self.read_text(state_file)), info.path))
         return sorted(found, key=lambda sp: sp[0].step)
 
     def latest_checkpoint(self, run_name: str) -> tuple[TrainState, str] | None:
@@ -175,34 +172,41 @@ class Storage:
         path = _join(checkpoint_path, TRAIN_STATE, remote=self.remote)
         if not self.exists(path):
             raise FileNotFoundError(f"{self.uri_of(path)} is missing: not a ray-pretrain checkpoint")
-        return TrainState(**json.loads(self.read_text(path)))
+        return TrainState.from_json(self.read_text(path))
 
-    def download(self, path: str, dest: str | Path, *, files: Sequence[str] | None = None) -> Path:
-        """Copy a folder (all of it, or only ``files`` from its top level) to the local folder ``dest``."""
+    def download(
+        self, path: str, dest: str | Path, *, files: Sequence[str] | None = None, optional: Sequence[str] = ()
+    ) -> Path:
+        """Copy a folder (all of it, or only ``files`` and, where present, ``optional`` from its top level) to
+        the local folder ``dest``."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         if files is None:
             pafs.copy_files(path, str(dest), source_filesystem=self.filesystem,
                             destination_filesystem=pafs.LocalFileSystem())
             return dest
-        for name in files:
+        for name in [*files, *optional]:
             src = _join(path, name, remote=self.remote)
             if not self.exists(src):
+                if name in optional:
+                    continue
                 raise FileNotFoundError(f"{self.uri_of(src)} is missing")
             pafs.copy_files(src, str(dest / name), source_filesystem=self.filesystem,
                             destination_filesystem=pafs.LocalFileSystem())
         return dest
 
     @contextlib.contextmanager
-    def local_checkpoint(self, path: str, *, files: Sequence[str] | None = EXPORT_FILES) -> Iterator[Path]:
-        """A local folder with the checkpoint's ``files``: the folder itself when local, else a download
-        into a temporary folder removed on exit. By default only the export files the registry needs:
+    def local_checkpoint(
+        self, path: str, *, files: Sequence[str] | None, optional: Sequence[str] = ()
+    ) -> Iterator[Path]:
+        """A local folder with the checkpoint's ``files`` (None: all of it): the folder itself when local, else
+        a download into a temporary folder removed on exit. The registry asks for the workload's export files:
         the DeepSpeed optimizer state (~12 bytes per parameter) stays in the store."""
         if not self.remote:
             yield Path(path)
             return
         with tempfile.TemporaryDirectory(prefix="rpt-ckpt-") as tmp:
-            yield self.download(path, tmp, files=files)
+            yield self.download(path, tmp, files=files, optional=optional)
 
 
 def _join(path: str, name: str, *, remote: bool) -> str:

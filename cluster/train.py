@@ -1,21 +1,31 @@
-"""Driver of one training run: validate -> start/join Ray -> TorchTrainer.fit -> register the model."""
+"""Driver of one training run: check the data -> start/join Ray -> TorchTrainer.fit -> register the model.
+
+The data kind (tokens, images) is the workload spec's business (:mod:`trainers.workloads`), chosen by the
+prepared data's manifest; this module only plans the fit: where it starts, which rows each stream reads,
+which MLflow run it logs to, and what is registered at the end.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cluster import tracking
 from cluster.config import ConfigError, dump_config
+from cluster.data_check import check_data, fill_from_data
 from cluster.storage import Storage, StorageError, resolve_storage
 from trainers.checkpoint import TrainState
 from trainers.config import RunConfig
+from trainers.workloads import DataFacts
 
 log = logging.getLogger(__name__)
 RUN_FILE = "rpt_run.json"  # in the Ray run folder: links it to its MLflow run
+
+__all__ = ["RUN_FILE", "TrainOutcome", "check_data", "fill_from_data", "replay_rows_per_micro", "run_train"]
 
 
 @dataclass
@@ -30,161 +40,14 @@ class TrainOutcome:
 
 
 @dataclass
-class DataCheck:
-    manifest: Any
-    vocab_size: int
-    seq_len: int
-    tokenizer_path: str
-    image: dict[str, Any] | None = None  # image data: image_size, channels, n_classes, class_names
+class FitStart:
+    """Where this fit starts: the run's name, the global step, each stream's position, the MLflow run."""
 
-
-
-
-def check_data(cfg: RunConfig) -> DataCheck:
-    """Everything about the prepared data that can fail, checked on the driver before Ray starts."""
-    from data.manifest import ImageManifest, Manifest, load_any_manifest
-    from objectives.vision import VISION_OBJECTIVES
-    from trainers.workload import is_image_objective
-
-    root = Path(cfg.data.path)
-    try:
-        manifest = load_any_manifest(root)
-        if cfg.data.verify_shards:
-            manifest.verify(root)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
-    image_objective = is_image_objective(cfg.objective.name, cfg.objective.params)
-    if isinstance(manifest, ImageManifest):
-        if not image_objective:
-            raise ConfigError(
-                f"data.path={cfg.data.path!r} holds images, but objective {cfg.objective.name!r} trains the decoder LM "
-                f"on token shards: choose an image objective ({', '.join(VISION_OBJECTIVES)}) or point data.path at "
-                "data prepared from a text corpus"
-            )
-        return _check_image_data(cfg, root, manifest)
-    if image_objective:
-        raise ConfigError(
-            f"objective {cfg.objective.name!r} trains a ViT on images, but data.path={cfg.data.path!r} holds token "
-            "shards: prepare image data (data.prepare.kind: images, e.g. source: fractals) into another folder"
-        )
-    vocab = manifest.tokenizer.vocab_size
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size != vocab:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} does not match the tokenizer vocabulary of {vocab} "
-            f"({root / manifest.tokenizer.path}); remove model.vocab_size (it defaults to the tokenizer's) "
-            "or prepare the data with data.prepare.vocab_size matching the model"
-        )
-    if cfg.model.max_seq_len is not None and cfg.model.max_seq_len < manifest.seq_len:
-        raise ConfigError(
-            f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the data's seq_len={manifest.seq_len} "
-            f"({root}/manifest.json); raise model.max_seq_len or prepare shorter rows"
-        )
-    others = {f"data.eval_sets.{k}": v for k, v in cfg.data.eval_sets.items()}
-    if cfg.data.replay:
-        others.update({f"data.replay.paths[{i}]": p for i, p in enumerate(cfg.data.replay.paths)})
-    for field_name, path in others.items():
-        try:
-            other = Manifest.load(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{field_name}={path!r}: {e}") from None
-        if other.tokenizer.sha256 != manifest.tokenizer.sha256 or other.seq_len != manifest.seq_len:
-            raise ConfigError(
-                f"{field_name}={path!r} was prepared with another tokenizer or seq_len than data.path: prepare it "
-                f"with data.prepare.tokenizer={str(root / manifest.tokenizer.path)!r} and seq_len={manifest.seq_len}"
-            )
-    import objectives
-
-    obj = objectives.get(cfg.objective.name, **cfg.objective.params)
-    needed = list(obj.required_special_tokens()) if hasattr(obj, "required_special_tokens") else []
-    missing = [tok for tok in needed if tok not in manifest.tokenizer.special_tokens]
-    if missing:
-        raise ConfigError(
-            f"objective {cfg.objective.name!r} needs special tokens {missing} that the tokenizer of "
-            f"data.path={cfg.data.path!r} lacks (it has {sorted(manifest.tokenizer.special_tokens)}); prepare "
-            f"the data with data.prepare.special_tokens including them"
-        )
-    teacher = cfg.objective.params.get("teacher")
-    if teacher:  # self-distillation: the frozen teacher must exist and share the tokenizer, checked before Ray
-        tcfg = Path(teacher, "model_config.json")
-        if not tcfg.is_file():
-            raise ConfigError(f"objective.teacher={teacher!r} holds no model_config.json (an export or checkpoint folder)")
-        if json.loads(tcfg.read_text()).get("vocab_size") != vocab:
-            raise ConfigError(f"objective.teacher={teacher!r} has another vocab_size than the data's tokenizer ({vocab})")
-    if cfg.trainer.init_from:
-        init_cfg = Path(cfg.trainer.init_from, "model_config.json")
-        if not init_cfg.is_file():
-            raise ConfigError(f"trainer.init_from={cfg.trainer.init_from!r} holds no model_config.json")
-        src_vocab = json.loads(init_cfg.read_text()).get("vocab_size")
-        if src_vocab != vocab:
-            raise ConfigError(
-                f"trainer.init_from model has vocab_size {src_vocab}, the data's tokenizer has {vocab}: "
-                "continue pre-training with data tokenised by the model's own tokenizer"
-            )
-    return DataCheck(manifest, vocab, manifest.seq_len, str((root / manifest.tokenizer.path).resolve()))
-
-
-def _check_image_data(cfg: RunConfig, root: Path, manifest) -> DataCheck:
-    """Image data: the other image folders must have the same image size and channels; ``init_from`` must be a
-    vision export."""
-    from data.manifest import ImageManifest, load_any_manifest
-
-    others = {f"data.eval_sets.{k}": v for k, v in cfg.data.eval_sets.items()}
-    if cfg.data.replay:
-        others.update({f"data.replay.paths[{i}]": p for i, p in enumerate(cfg.data.replay.paths)})
-    for field_name, path in others.items():
-        try:
-            other = load_any_manifest(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{field_name}={path!r}: {e}") from None
-        if not isinstance(other, ImageManifest) or (other.image_size, other.channels) != (manifest.image_size, manifest.channels):
-            raise ConfigError(
-                f"{field_name}={path!r} is not image data of {manifest.channels}x{manifest.image_size}x{manifest.image_size} "
-                f"like data.path: prepare it with data.prepare image_size={manifest.image_size}, channels={manifest.channels}"
-            )
-    if cfg.trainer.init_from and not Path(cfg.trainer.init_from, "vit_config.json").is_file():
-        raise ConfigError(
-            f"trainer.init_from={cfg.trainer.init_from!r} holds no vit_config.json: give a checkpoint or pulled model "
-            "of an image run"
-        )
-    image = {"image_size": manifest.image_size, "channels": manifest.channels, "n_classes": manifest.n_classes,
-             "class_names": list(manifest.class_names)}
-    return DataCheck(manifest, 0, 0, "", image=image)
-
-
-def fill_from_data(cfg: RunConfig, data: DataCheck) -> RunConfig:
-    """Image runs: sizes the config leaves unset come from the data (as the LM's vocab_size comes from the
-    tokenizer): ``vit.image_size`` and ``vit.in_channels``; CLIP's ``n_classes`` and ``class_names``.
-    Explicit values that contradict the data are errors naming both."""
-    if data.image is None:
-        return cfg
-    from models.vit import ViTConfig
-
-    im = data.image
-    vit = (cfg.vit or ViTConfig()).model_dump()
-    for key, value in (("image_size", im["image_size"]), ("in_channels", im["channels"])):
-        if vit[key] is not None and vit[key] != value:
-            raise ConfigError(
-                f"vit.{key}={vit[key]} but data.path={cfg.data.path!r} holds {im['channels']}x{im['image_size']}x"
-                f"{im['image_size']} images: remove vit.{key} (it defaults to the data's) or prepare matching data"
-            )
-        vit[key] = value
-    try:
-        vit_cfg = ViTConfig.model_validate(vit)
-    except ValueError as e:
-        raise ConfigError(f"vit: {e}") from None
-    params = dict(cfg.objective.params)
-    if cfg.objective.name == "clip":
-        if params.get("n_classes", im["n_classes"]) != im["n_classes"]:
-            raise ConfigError(
-                f"objective.n_classes={params['n_classes']} but data.path={cfg.data.path!r} has {im['n_classes']} "
-                "classes: remove objective.n_classes (it defaults to the data's)"
-            )
-        params["n_classes"] = im["n_classes"]
-        params.setdefault("class_names", im["class_names"])
-    new = cfg.model_dump(mode="json")
-    new["vit"] = vit_cfg.model_dump(mode="json")
-    new["objective"] = {"name": cfg.objective.name, **params}
-    return RunConfig.model_validate(new)
+    name: str
+    step: int = 0
+    rows: int = 0
+    replay_rows: int = 0
+    run_id: str | None = None
 
 
 def replay_rows_per_micro(cfg: RunConfig) -> int:
@@ -212,16 +75,6 @@ def _unique_run_name(storage: Storage, name: str) -> str:
     return new
 
 
-def _marker_path(storage: Storage, name: str) -> str:
-    """Fault-injection marker (trainer.fail_at_step): in the run folder when it is local, else in a local
-    temp folder (the marker is a test device, read with plain file I/O by the workers)."""
-    if not storage.remote:
-        return storage.path(name, ".failure_injected")
-    import tempfile
-
-    return str(Path(tempfile.gettempdir(), "rpt-markers", storage.root.replace("/", "_"), name, ".failure_injected"))
-
-
 def _flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in d.items():
@@ -246,6 +99,93 @@ def _log_lr_plot(client, run_id: str, cfg: RunConfig) -> None:
         client.log_artifact(run_id, str(path))
 
 
+def fit_start(cfg: RunConfig, storage: Storage, resume: bool) -> FitStart:
+    """``--resume``: the run's latest checkpoint; ``trainer.resume_from``: another run's state in a new run
+    (its data position only with ``resume_data_position``); else a new run from step 0."""
+    t = cfg.trainer
+    if resume:
+        if not storage.is_dir(storage.path(cfg.name)):
+            raise ConfigError(f"--resume: no run {cfg.name!r} in storage_path={storage.uri!r}")
+        start = FitStart(cfg.name)
+        found = storage.latest_checkpoint(cfg.name)
+        if found is not None:
+            st = found[0]
+            start = FitStart(cfg.name, st.step, st.data_position.rows_consumed, st.data_position.replay_rows_consumed,
+                             st.mlflow_run_id)
+        if storage.exists(storage.path(cfg.name, RUN_FILE)):
+            start.run_id = json.loads(storage.read_text(storage.path(cfg.name, RUN_FILE)))["mlflow_run_id"]
+        return start
+    start = FitStart(_unique_run_name(storage, cfg.name))
+    if t.resume_from:
+        st = TrainState.load(t.resume_from)
+        pos = st.data_position
+        start.step = st.step
+        if t.resume_data_position:
+            start.rows, start.replay_rows = pos.rows_consumed, pos.replay_rows_consumed
+        if pos.world_size != t.num_workers:
+            raise ConfigError(
+                f"trainer.resume_from={t.resume_from!r} was written by {pos.world_size} workers; "
+                f"set trainer.num_workers={pos.world_size} (the data position is per rank)"
+            )
+        if start.step >= t.max_steps:
+            raise ConfigError(f"trainer.max_steps={t.max_steps} but trainer.resume_from is already at step {start.step}")
+    return start
+
+
+def open_tracking(cfg: RunConfig, uri: str, start: FitStart, facts: DataFacts, *, parent_run_id: str | None,
+                  tags: dict[str, str] | None) -> str:
+    """The MLflow run of this fit: the resumed run's, or a new one with params, config, manifest, LR plot."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    if start.run_id is not None:
+        return start.run_id
+    exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    client = MlflowClient(uri)
+    run_tags = {"rpt.config_name": cfg.name, "rpt.objective": cfg.objective.name, **(tags or {})}
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(exp_id, run_name=start.name, tags=run_tags).info.run_id
+    params = _flat_params(cfg.model_dump(mode="json"))
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+    client.log_text(run_id, dump_config(cfg), "config.yaml")
+    client.log_text(run_id, facts.manifest.model_dump_json(indent=2), "data/manifest.json")
+    if cfg.trainer.resume_from:
+        client.set_tag(run_id, "rpt.resume_from", str(Path(cfg.trainer.resume_from).resolve()))
+    _log_lr_plot(client, run_id, cfg)
+    return run_id
+
+
+def plan_fit(cfg: RunConfig, facts: DataFacts, start: FitStart, uri: str, run_id: str):
+    """The planned streams (``train``, and ``replay`` with a replay fraction), the datasets Ray Train hands
+    the workers, and the :class:`trainers.loop.FitPlan` as a dict."""
+    import ray.data
+
+    from data.stream import StreamPlan, load_shards
+    from trainers import workloads
+
+    t, spec = cfg.trainer, workloads.get(facts.kind)
+    steps, replay_micro = t.max_steps - start.step, replay_rows_per_micro(cfg)
+    cols = spec.columns
+    shards = load_shards(cfg.data.path, "train")
+    rows_per_stream = {"train": steps * t.grad_accum_steps * (t.micro_batch_size - replay_micro)}
+    streams = {"train": StreamPlan(tuple(shards), cfg.seed, start.rows, rows_per_stream["train"], cols)}
+    datasets = {"train": ray.data.read_parquet([s.path for s in shards], columns=list(cols))}
+    if replay_micro:
+        rshards = [sh for p in cfg.data.replay.paths for sh in load_shards(p, "train")]
+        count = steps * t.grad_accum_steps * replay_micro
+        streams["replay"] = StreamPlan(tuple(rshards), cfg.data.replay.seed, start.replay_rows, count, cols)
+        datasets["replay"] = ray.data.read_parquet([s.path for s in rshards], columns=list(cols))
+    # Evaluation sets are small and fixed: each worker reads them directly (data.stream.read_rows).
+    val_sets = {"val": cfg.data.path, **{f"val:{k}": v for k, v in cfg.data.eval_sets.items()}}
+    eval_shards = {key: [s.path for s in load_shards(path, "val")] for key, path in val_sets.items()}
+    eval_shards.update(spec.eval_shards(cfg, [s.path for s in shards]))
+    fit = {"kind": facts.kind, "streams": {k: v.to_dict() for k, v in streams.items()}, "start_step": start.step,
+           "replay_per_micro": replay_micro, "tracking_uri": uri, "mlflow_run_id": run_id,
+           "eval_shards": eval_shards, "data": facts.fields}
+    return fit, datasets, streams
+
+
 def run_train(
     cfg: RunConfig,
     *,
@@ -257,113 +197,66 @@ def run_train(
     extra_aliases: tuple[str, ...] = (),
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> TrainOutcome:
-    import mlflow
-    import ray.train
+    """Train ``cfg`` on Ray; ``callbacks`` (:class:`trainers.callbacks.Callback`, picklable) join the
+    workers' loop (tests: fault injection, row audits)."""
     from mlflow import MlflowClient
-    from ray.train.torch import TorchTrainer
 
     from cluster.ray_env import init_ray
-    from cluster.registry import register_checkpoint
-    from data.stream import PlannedDataConfig, StreamPlan, load_shards
-    from trainers.loop import train_loop_per_worker
 
-    data = check_data(cfg)
-    cfg = fill_from_data(cfg, data)
-    t = cfg.trainer
+    facts = check_data(cfg)
+    cfg = fill_from_data(cfg, facts)
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, tracking_uri)
     try:
         storage = resolve_storage(cfg.storage_path)
     except StorageError as e:
         raise ConfigError(str(e)) from None
-    name = cfg.name if resume else _unique_run_name(storage, cfg.name)
-    run_dir = storage.path(name)
-
-    # --- where this fit starts --------------------------------------------------------------
-    start_rows, start_step, run_id, start_replay = 0, 0, None, 0
-    if resume:
-        if not storage.is_dir(run_dir):
-            raise ConfigError(f"--resume: no run {name!r} in storage_path={storage.uri!r}")
-        found = storage.latest_checkpoint(name)
-        if found is not None:
-            st, _ = found
-            start_rows, start_step, run_id = st.data_position["rows_consumed"], st.step, st.mlflow_run_id
-            start_replay = st.data_position.get("replay_rows_consumed", 0)
-        if storage.exists(storage.path(name, RUN_FILE)):
-            run_id = json.loads(storage.read_text(storage.path(name, RUN_FILE)))["mlflow_run_id"]
-    elif t.resume_from:
-        st = TrainState.load(t.resume_from)
-        start_step = st.step
-        if t.resume_data_position:
-            start_rows = st.data_position["rows_consumed"]
-            start_replay = st.data_position.get("replay_rows_consumed", 0)
-        if st.data_position["world_size"] != t.num_workers:
-            raise ConfigError(
-                f"trainer.resume_from={t.resume_from!r} was written by {st.data_position['world_size']} workers; "
-                f"set trainer.num_workers={st.data_position['world_size']} (the data position is per rank)"
-            )
-        if start_step >= t.max_steps:
-            raise ConfigError(f"trainer.max_steps={t.max_steps} but trainer.resume_from is already at step {start_step}")
-
-    # --- tracking ---------------------------------------------------------------------------
-    exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
-    client = MlflowClient(uri)
-    if run_id is None:
-        run_tags = {"rpt.config_name": cfg.name, "rpt.objective": cfg.objective.name, **(tags or {})}
-        if parent_run_id:
-            run_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(exp_id, run_name=name, tags=run_tags)
-        run_id = run.info.run_id
-        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in _flat_params(cfg.model_dump(mode="json")).items()])
-        client.log_text(run_id, dump_config(cfg), "config.yaml")
-        client.log_text(run_id, data.manifest.model_dump_json(indent=2), "data/manifest.json")
-        if t.resume_from:
-            client.set_tag(run_id, "rpt.resume_from", str(Path(t.resume_from).resolve()))
-        _log_lr_plot(client, run_id, cfg)
-    storage.write_text(storage.path(name, RUN_FILE), json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
-
-    # --- Ray ----------------------------------------------------------------------------------
+    start = fit_start(cfg, storage, resume)
+    run_id = open_tracking(cfg, uri, start, facts, parent_run_id=parent_run_id, tags=tags)
+    storage.write_text(storage.path(start.name, RUN_FILE), json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
+    t = cfg.trainer
     init_ray(address, cpus_needed=t.num_workers * t.cpus_per_worker, dashboard=dashboard)
+    client = MlflowClient(uri)
+    try:
+        result = _fit(cfg, facts, start, storage, uri, run_id, callbacks)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    ckpt_path = storage.uri_of(result.checkpoint.path) if result.checkpoint else None  # s3://... when remote
+    model_name = version = None
+    if register and ckpt_path:
+        model_name = cfg.tracking.registered_model or cfg.name
+        version = _register(storage, result.checkpoint.path, facts, run_id, model_name,
+                            [cfg.tracking.alias, *extra_aliases], uri)
+        client.set_tag(run_id, "rpt.checkpoint", ckpt_path)
+    client.set_terminated(run_id, status="FINISHED")
+    return TrainOutcome(start.name, run_id, ckpt_path, model_name, version, dict(result.metrics or {}), uri)
+
+
+def _fit(cfg: RunConfig, facts: DataFacts, start: FitStart, storage: Storage, uri: str, run_id: str,
+         callbacks: Sequence[Any]):
+    """One ``TorchTrainer.fit`` over the planned streams; raises the run's error."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from data.stream import PlannedDataConfig
+    from trainers.loop import train_loop_per_worker
+
+    t = cfg.trainer
     # One progress bar per rank stream and per epoch is noise in a training log; Ray Data's own
     # progress stays on the dashboard.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    steps = t.max_steps - start_step
-    replay_micro = replay_rows_per_micro(cfg)
-    cols = ("images", "labels", "row_id") if data.image else ("tokens", "row_id")
-    shards = load_shards(cfg.data.path, "train")
-    streams = {"train": StreamPlan(tuple(shards), cfg.seed, start_rows, steps * t.grad_accum_steps * (t.micro_batch_size - replay_micro), cols)}
-    datasets = {"train": ray.data.read_parquet([s.path for s in shards], columns=list(cols))}
-    if replay_micro:
-        rshards = [sh for p in cfg.data.replay.paths for sh in load_shards(p, "train")]
-        streams["replay"] = StreamPlan(tuple(rshards), cfg.data.replay.seed, start_replay, steps * t.grad_accum_steps * replay_micro, cols)
-        datasets["replay"] = ray.data.read_parquet([s.path for s in rshards], columns=list(cols))
-    # Evaluation sets are small and fixed: each worker reads them directly (data.stream.read_rows).
-    val_sets = {"val": cfg.data.path, **{f"val:{k}": v for k, v in cfg.data.eval_sets.items()}}
-    eval_shards = {key: [s.path for s in load_shards(path, "val")] for key, path in val_sets.items()}
-    if data.image:  # the labelled bank of the k-NN / nearest-class-mean probes: the first training rows
-        eval_shards["probe"] = [s.path for s in shards]
-    fit = {
-        "streams": {k: v.to_dict() for k, v in streams.items()},
-        "start_step": start_step,
-        "replay_per_micro": replay_micro,
-        "tokenizer_path": data.tokenizer_path,
-        "vocab_size": data.vocab_size,
-        "seq_len": data.seq_len,
-        "tracking_uri": uri,
-        "mlflow_run_id": run_id,
-        "marker_path": _marker_path(storage, name) if t.fail_at_step else None,
-        "special_tokens": {} if data.image else dict(data.manifest.tokenizer.special_tokens),
-        "eval_shards": eval_shards,
-        "image": data.image,
-    }
+    fit, datasets, streams = plan_fit(cfg, facts, start, uri, run_id)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "fit": fit},
+        train_loop_config={"run": cfg.model_dump(mode="json"), "fit": fit, "callbacks": list(callbacks)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
-            name=name,
+            name=start.name,
             **storage.ray_run_config_kwargs(),  # storage_path (+ storage_filesystem for s3://)
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
@@ -373,19 +266,17 @@ def run_train(
     )
     result = trainer.fit()
     if result.error:
-        client.set_terminated(run_id, status="FAILED")
         raise result.error
+    return result
 
-    # --- registry -------------------------------------------------------------------------------
-    ckpt_path = storage.uri_of(result.checkpoint.path) if result.checkpoint else None  # s3://... when remote
-    model_name = version = None
-    if register and ckpt_path:
-        model_name = cfg.tracking.registered_model or cfg.name
-        # Remote storage: only the export files are downloaded (not the optimizer state).
-        with storage.local_checkpoint(result.checkpoint.path) as local_ckpt:
-            version = register_checkpoint(
-                local_ckpt, run_id=run_id, name=model_name, aliases=[cfg.tracking.alias, *extra_aliases], tracking_uri=uri
-            )
-        client.set_tag(run_id, "rpt.checkpoint", ckpt_path)
-    client.set_terminated(run_id, status="FINISHED")
-    return TrainOutcome(name, run_id, ckpt_path, model_name, version, dict(result.metrics or {}), uri)
+
+def _register(storage: Storage, path: str, facts: DataFacts, run_id: str, name: str, aliases: list[str],
+              uri: str) -> int:
+    """Register the checkpoint's export; from remote storage only the workload's export files are
+    downloaded (not the optimizer state)."""
+    from cluster.registry import register_checkpoint
+    from trainers import workloads
+
+    spec = workloads.get(facts.kind)
+    with storage.local_checkpoint(path, files=spec.export_files, optional=spec.optional_files) as local:
+        return register_checkpoint(local, run_id=run_id, name=name, aliases=aliases, tracking_uri=uri)

@@ -27,12 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.files import ENCODER_WEIGHTS, FULL_WEIGHTS, PROCESSOR, VIT_CONFIG
 from models.vit import ResolvedViTConfig, ViTEncoder
 
-ENCODER_WEIGHTS = "encoder.safetensors"
-VIT_CONFIG = "vit_config.json"
-PROCESSOR = "image_processor.json"
-FULL_WEIGHTS = "vision_model.safetensors"
 EXPORT_FILES = (ENCODER_WEIGHTS, VIT_CONFIG, PROCESSOR)
 
 

@@ -56,14 +56,32 @@ class SelfDistillation(TokenObjective):
     def required_special_tokens(self) -> list[str]:
         return list(self.base.required_special_tokens())
 
-    def setup(self, *, special_tokens: dict[str, int], vocab_size: int) -> None:
-        super().setup(special_tokens=special_tokens, vocab_size=vocab_size)
-        self.base.setup(special_tokens=special_tokens, vocab_size=vocab_size)
+    def setup(self, *, special_tokens: dict[str, int], vocab_size: int, eos_id: int, pad_id: int) -> None:
+        ids = {"special_tokens": special_tokens, "vocab_size": vocab_size, "eos_id": eos_id, "pad_id": pad_id}
+        super().setup(**ids)
+        self.base.setup(**ids)
         self.teacher = self.load_teacher()
         if self.teacher.cfg.vocab_size != vocab_size:
             raise ValueError(
                 f"objective.teacher={self.params.teacher!r} has vocab_size {self.teacher.cfg.vocab_size}, the "
                 f"data's tokenizer {vocab_size}: the teacher must be trained on the same tokenizer"
+            )
+
+    def check_data(self, data: dict) -> None:
+        """The base objective's needs, and a teacher export that shares the data's tokenizer (on the driver)."""
+        import json
+        from pathlib import Path
+
+        from models.files import LM_CONFIG
+
+        self.base.check_data(data)
+        cfg = Path(self.params.teacher, LM_CONFIG)
+        if not cfg.is_file():
+            raise ValueError(f"objective.teacher={self.params.teacher!r} holds no {LM_CONFIG} (an export or checkpoint folder)")
+        if json.loads(cfg.read_text()).get("vocab_size") != data["vocab_size"]:
+            raise ValueError(
+                f"objective.teacher={self.params.teacher!r} has another vocab_size than the data's tokenizer "
+                f"({data['vocab_size']})"
             )
 
     def load_teacher(self) -> torch.nn.Module:

@@ -114,7 +114,7 @@ class UL2(TokenObjective):
 
     def required_special_tokens(self) -> list[str]:
         p = self.params
-        names = [st.PAD_TOKEN]
+        names: list[str] = []
         if self._uses_sentinels():
             names += st.sentinel_tokens(p.num_sentinels)
         if p.mode_tokens:
@@ -123,7 +123,7 @@ class UL2(TokenObjective):
 
     def table(self) -> C.TokenTable:
         p = self.params
-        pad = self._ids([st.PAD_TOKEN])[0]
+        pad = self._pad_id()
         sentinels = self._ids(st.sentinel_tokens(p.num_sentinels)) if self._uses_sentinels() else []
         used = {d.kind for d in self.active}
         # one slot per paradigm (indexed by KINDS); paradigms not in use need no token in the tokenizer
@@ -189,3 +189,12 @@ class UL2(TokenObjective):
             metrics[f"{d.name}/ce_sum"] = ce_sum[i]
             metrics[f"{d.name}/tokens"] = tokens[i]
         return loss, metrics
+
+    def reduce_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        """Each denoiser's mean target cross-entropy over the logging window: ``ce_sum / tokens`` of the
+        rank-averaged sums (a ratio of sums, not a mean of per-batch ratios)."""
+        out = dict(means)
+        for d in self.active:
+            if f"{d.name}/ce_sum" in means and f"{d.name}/tokens" in means:
+                out[f"{d.name}/ce"] = means[f"{d.name}/ce_sum"] / max(means[f"{d.name}/tokens"], 1e-9)
+        return out

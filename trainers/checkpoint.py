@@ -2,7 +2,8 @@
 
 One checkpoint folder (one ``ray.train.report``) holds:
 
-- ``ds/``: DeepSpeed engine state, one file set per rank (module, optimizer shards, LR scheduler);
+- ``ds/``: DeepSpeed engine state, one file set per rank (module, optimizer shards; no LR scheduler: the LR is a
+  pure function of the step and the configured schedule);
 - ``train_state.json``: step, tokens seen, data position, schedule name + parameters, config, MLflow run;
 - export files, consolidated weights written by rank 0 for export and the model registry:
   ``model.safetensors`` + ``model_config.json`` + ``tokenizer.json`` (decoder LM) or
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 
+from data.stream import DataPosition
+
 DS_TAG = "ds"
 TRAIN_STATE = "train_state.json"
 
@@ -31,20 +34,29 @@ class TrainState:
 
     step: int = 0
     tokens_seen: int = 0
-    data_position: dict[str, Any] = field(default_factory=dict)
-    schedule: dict[str, Any] = field(default_factory=dict)
+    data_position: DataPosition | None = None  # None: not written by a training step yet
+    schedule: dict[str, Any] = field(default_factory=dict)  # name + parameters, as trainers.schedules.describe
     mlflow_run_id: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: str | Path) -> None:
-        Path(directory, TRAIN_STATE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        d = asdict(self)
+        d["data_position"] = self.data_position.to_dict() if self.data_position is not None else None
+        Path(directory, TRAIN_STATE).write_text(json.dumps(d, indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, directory: str | Path) -> TrainState:
         path = Path(directory, TRAIN_STATE)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {directory} is not a ray-pretrain checkpoint")
-        return cls(**json.loads(path.read_text()))
+        return cls.from_json(path.read_text())
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        d = json.loads(text)
+        pos = d.get("data_position")
+        d["data_position"] = DataPosition.from_dict(pos) if pos else None
+        return cls(**d)
 
 
 def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
@@ -60,7 +72,7 @@ def save_checkpoint(engine, directory: str | Path, *, state: TrainState, zero_st
     """Write this rank's part of a checkpoint into ``directory`` (all ranks call it).
 
     ``export(full_state_dict, directory)`` writes the consolidated export files on rank 0 (the decoder
-    LM's ``model.safetensors`` + tokenizer, or a vision encoder's files: :mod:`trainers.workload`).
+    LM's ``model.safetensors`` + tokenizer, or a vision encoder's files: :mod:`trainers.workloads`).
     """
     engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"step": state.step})
     full = consolidated_state_dict(engine, zero_stage)

@@ -134,8 +134,6 @@ class TrainerSpec(_Strict):
     resume_data_position: bool = Field(
         True, description="with resume_from: continue its data position (False: a new task's data from its start)"
     )
-    audit_dir: str | None = Field(None, description="write the row ids of every committed step here (tests)")
-    fail_at_step: int | None = Field(None, ge=1, description="fault injection: rank 1 raises once at this step")
     data_loader_prefetch: int = Field(2, ge=0)
 
     @property

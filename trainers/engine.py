@@ -36,9 +36,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: torch.nn.Module, t: TrainerSpec, o: OptimizerSpec, lr_lambda):
-    """``deepspeed.initialize`` with a client AdamW and a ``LambdaLR(lr_lambda)``.
+def build_engine(model: torch.nn.Module, t: TrainerSpec, o: OptimizerSpec):
+    """``deepspeed.initialize`` with a client AdamW; returns ``(engine, optimizer)``.
 
+    No LR scheduler is handed to DeepSpeed: the loop sets each step's LR from the schedule, a pure function
+    of the global step, so a checkpoint holds no scheduler state that could disagree with the config.
+    ``optimizer`` is the client AdamW (its ``param_groups`` are the ones every ZeRO stage steps with).
     Ray Train has already created the process group (gloo on CPU, NCCL on GPU); DeepSpeed reuses it.
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if t.use_gpu else "cpu")
@@ -50,8 +53,5 @@ def build_engine(model: torch.nn.Module, t: TrainerSpec, o: OptimizerSpec, lr_la
         # first initialize; training does not use it. tests/integration checks this switch still exists.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr_peak, betas=o.betas, eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    engine, opt, _, sched = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(t)
-    )
-    return engine, opt, sched
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(t))
+    return engine, opt

@@ -103,6 +103,16 @@ class CLIP(VisionObjective):
         self.tokenizer = self.make_tokenizer(params)
         self.caption_ids = self.tokenizer.encode(self.captions())  # (n_classes, T)
 
+    def fill_params(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        """``n_classes`` and ``class_names`` default to the image data's; another explicit n_classes is an error."""
+        n = data["n_classes"]
+        if params.get("n_classes", n) != n:
+            raise ValueError(
+                f"objective.n_classes={params['n_classes']} but the data has {n} classes: remove "
+                "objective.n_classes (it defaults to the data's)"
+            )
+        return {**params, "n_classes": n, "class_names": params.get("class_names") or list(data["class_names"])}
+
     @staticmethod
     def captions_for(params: BaseModel) -> list[str]:
         names = params.class_names or [str(i) for i in range(params.n_classes)]

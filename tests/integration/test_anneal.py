@@ -13,6 +13,7 @@ from cluster.anneal import anneal_config, run_anneal
 from cluster.config import ConfigError
 from cluster.train import run_train
 from tests.integration.test_train import debug_cfg, expected_rows, read_audit
+from tests.support.callbacks import AuditRows
 
 pytestmark = pytest.mark.integration
 INFINITE = "schedule={name: infinite, warmup_steps: 2, cooldown_steps: 4, anneal_steps: 0, const_ratio: 0.5, min_ratio: 0.1}"
@@ -32,15 +33,15 @@ def test_anneal_branch_and_main_line(ray_session, debug_data, tmp_path, tracking
     import mlflow
 
     audit = tmp_path / "audit"
-    common = (INFINITE, "name=main-line", "trainer.eval_every=100", "trainer.checkpoint_every=10",
-              f"trainer.audit_dir={audit}")
-    main = run_train(debug_cfg(debug_data, tmp_path, "trainer.max_steps=10", *common), tracking_uri=tracking_uri)
+    common = (INFINITE, "name=main-line", "trainer.eval_every=100", "trainer.checkpoint_every=10")
+    main = run_train(debug_cfg(debug_data, tmp_path, "trainer.max_steps=10", *common), tracking_uri=tracking_uri,
+                     callbacks=[AuditRows(audit)])
     src = Path(main.checkpoint)
     before = tree_digest(src)
     peak = 3e-3
     assert lr_history(tracking_uri, main.mlflow_run_id)[10] == pytest.approx(0.5 * peak)  # constant phase
 
-    branch = run_anneal(str(src), steps=4, tracking_uri=tracking_uri, overrides=[f"trainer.audit_dir={tmp_path / 'audit-b'}"])
+    branch = run_anneal(str(src), steps=4, tracking_uri=tracking_uri, callbacks=[AuditRows(tmp_path / "audit-b")])
     assert branch.run_name == "main-line-anneal-s10" and branch.metrics["step"] == 14
     lrs = lr_history(tracking_uri, branch.mlflow_run_id)
     assert lrs[14] == pytest.approx(0.1 * peak)  # annealed to η_min
@@ -58,7 +59,7 @@ def test_anneal_branch_and_main_line(ray_session, debug_data, tmp_path, tracking
 
     # the main line goes on at η_const from its own checkpoint
     cont = run_train(debug_cfg(debug_data, tmp_path, "trainer.max_steps=15", *common), tracking_uri=tracking_uri,
-                     resume=True, register=False)
+                     resume=True, register=False, callbacks=[AuditRows(audit)])
     assert cont.mlflow_run_id == main.mlflow_run_id and cont.run_name == main.run_name
     assert lr_history(tracking_uri, main.mlflow_run_id)[15] == pytest.approx(0.5 * peak)
     # across the resume (a new fit from the latest checkpoint) the main line read the next unseen rows

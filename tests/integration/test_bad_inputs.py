@@ -29,7 +29,7 @@ def cfg_for(path: Path, *overrides: str):
 
 def test_good_data_passes(data_copy):
     chk = check_data(cfg_for(data_copy))
-    assert chk.vocab_size == 1024 and chk.seq_len == 64
+    assert chk.fields["vocab_size"] == 1024 and chk.fields["seq_len"] == 64
 
 
 def test_missing_shard_folder(data_copy):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cluster.continual import load_continual, run_continual
+from tests.support.callbacks import AuditRows
 from trainers import schedules
 
 pytestmark = pytest.mark.integration
@@ -102,9 +103,9 @@ def test_cosine_rewarm_from_registered_model_with_replay(infinite_run, cl_data, 
     cfg = cl_config(
         cl_data, tmp_path, "name=cl-rw", "tracking.registered_model=cl-rw", "anneal_steps=0", "start=models:/cl-inf@task-0",
         "schedule={name: cosine_rewarm, warmup_steps: 2, min_ratio: 0.1}", "tasks.0.steps=6", "tasks.1.steps=6",
-        "tasks.2.steps=3", f"trainer.audit_dir={audit}", "trainer.eval_every=100",
+        "tasks.2.steps=3", "trainer.eval_every=100",
     )
-    res = run_continual(cfg, tracking_uri=uri)
+    res = run_continual(cfg, tracking_uri=uri, callbacks=[AuditRows(audit)])
     f = schedules.get("cosine_rewarm", warmup_steps=2, min_ratio=0.1, task_steps=[6, 6, 3])
     lrs = lr_by_step(uri, [r["run_id"] for r in res["runs"]])
     for step, lr in lrs.items():

@@ -12,6 +12,7 @@ import torch
 from cluster.config import load_config
 from cluster.train import run_train
 from data.stream import load_shards, pieces_row_ids, rank_pieces
+from tests.support.callbacks import AuditRows, FailOnce
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -47,8 +48,8 @@ def test_two_worker_zero2_run_tracks_checkpoints_and_registers(ray_session, debu
     from models import build
     from models.io import load_pretrained
 
-    cfg = debug_cfg(debug_data, tmp_path, "trainer.max_steps=20", f"trainer.audit_dir={tmp_path / 'audit'}")
-    out = run_train(cfg, tracking_uri=tracking_uri)
+    cfg = debug_cfg(debug_data, tmp_path, "trainer.max_steps=20")
+    out = run_train(cfg, tracking_uri=tracking_uri, callbacks=[AuditRows(tmp_path / "audit")])
 
     # the loss went down (MLflow holds the series at the logged steps)
     client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
@@ -106,9 +107,11 @@ def test_worker_failure_restarts_without_repeating_or_skipping_rows(ray_session,
     cfg = debug_cfg(
         debug_data, tmp_path,
         "trainer.max_steps=24", "trainer.checkpoint_every=8", "trainer.eval_every=100",
-        "trainer.fail_at_step=13", "trainer.max_failures=1", f"trainer.audit_dir={audit}", "trainer.log_every=1",
+        "trainer.max_failures=1", "trainer.log_every=1",
     )
-    out = run_train(cfg, tracking_uri=tracking_uri, register=False)
+    marker = tmp_path / ".failure_injected"
+    out = run_train(cfg, tracking_uri=tracking_uri, register=False,
+                    callbacks=[FailOnce(step=13, marker=marker), AuditRows(audit)])
     assert out.metrics["step"] == 24
     # the interrupted-and-restarted run logs the LR of the uninterrupted schedule at every step
     import mlflow
@@ -120,7 +123,6 @@ def test_worker_failure_restarts_without_repeating_or_skipping_rows(ray_session,
     assert {m.step for m in hist} == set(range(1, 25))
     for m in hist:  # steps 9..13 were logged twice (before the failure and after the restart): same values
         assert m.value == pytest.approx(3e-3 * f(m.step), rel=1e-12), m.step
-    marker = Path(cfg.storage_path, out.run_name, ".failure_injected")
     assert marker.read_text().startswith("failure injected at step 13")
     per_rank = []
     for rank in range(2):

@@ -1,22 +1,8 @@
-"""What the worker loop trains: token rows for the decoder LM, or images for a ViT objective.
-
-:class:`trainers.loop.Trainer` is the same for both; a workload supplies the parts that differ:
-
-| | :class:`TextWorkload` | :class:`ImageWorkload` |
-|---|---|---|
-| stream columns | ``tokens`` | ``images`` (flattened uint8), ``labels`` |
-| model | :class:`models.decoder.DecoderLM` | :class:`objectives.vision.model.VisionModel` (encoder + the objective's parts) |
-| objective input | ``{"tokens"}`` | ``{"images": uint8 (B, C, H, W), "labels"}`` |
-| throughput unit | tokens (MFU from the model's FLOPs per token) | images |
-| extra evaluation | none | k-NN / nearest-class-mean probes (and CLIP zero-shot) on frozen embeddings |
-| export | ``model.safetensors`` + config + tokenizer | encoder + ViT config + image processor (:mod:`models.vit_io`) |
-"""
+"""Worker side of the image workload: a ViT trained by a vision objective."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -24,64 +10,18 @@ from torch import nn
 from trainers.config import RunConfig
 
 
-class TextWorkload:
-    columns = ("tokens", "row_id")
-    unit = "tokens"
-
-    def __init__(self, cfg: RunConfig, plan):
-        import models
-
-        self.cfg, self.plan = cfg, plan
-        self.model_cfg = cfg.model.resolve(vocab_size=plan.vocab_size, max_seq_len=plan.seq_len)
-        self.units_per_row = plan.seq_len
-        self.flops_per_unit = models.flops_per_token(self.model_cfg, plan.seq_len)
-
-    def build_model(self) -> nn.Module:
-        import models
-
-        return models.build(self.model_cfg)
-
-    def build_objective(self):
-        import objectives
-
-        obj = objectives.get(self.cfg.objective.name, **self.cfg.objective.params)
-        if hasattr(obj, "setup"):  # objectives that need token ids or the vocabulary
-            obj.setup(special_tokens=self.plan.special_tokens, vocab_size=self.plan.vocab_size)
-        return obj
-
-    def init_weights(self, model: nn.Module, path: str) -> None:
-        """Weights only (continual pre-training start): a checkpoint folder's consolidated weights."""
-        from models.io import load_pretrained
-
-        src, _ = load_pretrained(path)
-        model.load_state_dict(src.state_dict())
-
-    def inputs(self, parts: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
-        tokens = parts[0]["tokens"] if len(parts) == 1 else torch.cat([p["tokens"] for p in parts])
-        return {"tokens": tokens.to(device, dtype=torch.long, non_blocking=True)}
-
-    def extra_eval(self, trainer, name: str, rows: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {}
-
-    def export(self, state: dict[str, torch.Tensor], directory: Path) -> None:
-        from models.io import save_pretrained
-
-        save_pretrained(state, self.model_cfg, directory)
-        if self.plan.tokenizer_path:
-            shutil.copy(self.plan.tokenizer_path, directory / "tokenizer.json")
-
-
 class ImageWorkload:
-    """A ViT trained by a vision objective (issue 5) on image rows ``{images, labels, row_id}``."""
+    """A ViT trained by a vision objective on image rows ``{images, labels, row_id}``; throughput in images;
+    k-NN / nearest-class-mean probes (and zero-shot for objectives with a text tower) at every evaluation;
+    export: encoder + ViT config + image processor (:mod:`models.vit_io`)."""
 
-    columns = ("images", "labels", "row_id")
     unit = "images"
 
     def __init__(self, cfg: RunConfig, plan):
         from models.vit import ViTConfig, resolve_vit_config
 
-        self.cfg, self.plan = cfg, plan
-        self.image = plan.image  # image_size, channels, n_classes, class_names (from the manifest)
+        self.cfg = cfg
+        self.image = plan.data  # image_size, channels, n_classes, class_names (from the manifest)
         self.vit = resolve_vit_config(cfg.vit or ViTConfig())
         self.units_per_row = 1
         self.flops_per_unit = 0.0  # no MFU for images: FLOPs per image depend on the objective (masking, views)
@@ -115,7 +55,9 @@ class ImageWorkload:
         return {"images": images.to(device, non_blocking=True), "labels": labels.to(device, dtype=torch.long)}
 
     # ---- probes -----------------------------------------------------------------------------------
-    def extra_eval(self, trainer, name: str, rows: dict[str, torch.Tensor]) -> dict[str, float]:
+    def extra_eval(
+        self, trainer, name: str, rows: dict[str, torch.Tensor], bank: dict[str, torch.Tensor] | None
+    ) -> dict[str, float]:
         """k-NN and nearest-class-mean accuracy of the frozen encoder on validation set ``name`` (queries)
         against the probe bank (the first ``data.probe_rows`` training rows); CLIP adds zero-shot accuracy.
 
@@ -123,14 +65,14 @@ class ImageWorkload:
         """
         from trainers import probes
 
-        if name != "val" or trainer.probe_rows is None:
+        if name != "val" or bank is None:
             return {}
-        bank_emb, bank_labels = self._embed_all(trainer, trainer.probe_rows, self.objective.embed)
+        bank_emb, bank_labels = self._embed_all(trainer, bank, self.objective.embed)
         q_emb, q_labels = self._embed_all(trainer, rows, self.objective.embed)
         out = probes.probe_metrics(bank_emb, bank_labels, q_emb, q_labels, k=self.cfg.data.probe_k)
-        if hasattr(self.objective, "class_text_embeddings"):  # CLIP: captions of every class as prompts
+        text = self.objective.class_text_embeddings(trainer.engine, trainer.device)  # None: no text tower
+        if text is not None:  # CLIP: captions of every class as prompts
             img, labels = self._embed_all(trainer, rows, self.objective.image_embeddings)
-            text = self.objective.class_text_embeddings(trainer.engine, trainer.device)
             out["probe/zero_shot_acc"] = probes.zero_shot_accuracy(img, text, labels)
         return out
 
@@ -162,15 +104,3 @@ class ImageWorkload:
             objective_params=self.objective.params.model_dump(mode="json"),
         )
         save_vision(state, self.vit, processor, directory)
-
-
-def workload_for(cfg: RunConfig, plan) -> TextWorkload | ImageWorkload:
-    return ImageWorkload(cfg, plan) if getattr(plan, "image", None) else TextWorkload(cfg, plan)
-
-
-def is_image_objective(name: str, params: dict[str, Any]) -> bool:
-    """Whether objective ``name`` trains a ViT on images (objectives.vision) rather than the decoder LM."""
-    import objectives
-    from objectives.vision import VisionObjective
-
-    return isinstance(objectives.get(name, **params), VisionObjective)

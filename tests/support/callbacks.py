@@ -1,0 +1,47 @@
+"""Test callbacks for the training loop: fault injection and row audits, outside the production config.
+
+They travel to the Ray workers inside ``train_loop_config`` (pickled by value, so the workers need not
+import ``tests``) and join the loop's callbacks (:class:`trainers.callbacks.Callback`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import ray.cloudpickle
+
+from trainers.callbacks import Callback
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class FailOnce(Callback):
+    """Rank ``rank`` (modulo the world size) raises at ``step``, once: the marker file records that it did,
+    so the restarted worker group goes on."""
+
+    def __init__(self, step: int, marker: str | Path, rank: int = 1):
+        self.step, self.marker, self.rank = step, str(marker), rank
+
+    def on_step_end(self, trainer, step: int, out) -> None:
+        if step != self.step or trainer.rank != self.rank % trainer.world or Path(self.marker).exists():
+            return
+        Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.marker).write_text(f"failure injected at step {step}\n")
+        raise RuntimeError(f"injected failure at step {step} on rank {trainer.rank} (tests FailOnce)")
+
+
+class AuditRows(Callback):
+    """Writes the row ids every checkpoint committed, per rank and stream: ``[<stream>-]rank<r>-step<s>.npy``
+    (written once the checkpoint is persisted, so a row audited is a row committed)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = str(directory)
+
+    def on_checkpoint(self, trainer, step: int, committed: dict[str, np.ndarray]) -> None:
+        Path(self.directory).mkdir(parents=True, exist_ok=True)
+        for name, ids in committed.items():
+            if len(ids):
+                prefix = "" if name == "train" else f"{name}-"
+                np.save(Path(self.directory, f"{prefix}rank{trainer.rank}-step{step:08d}.npy"), ids)

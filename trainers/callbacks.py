@@ -1,0 +1,152 @@
+"""The loop's cadences as callbacks: training metrics, evaluation, checkpoints.
+
+:class:`trainers.loop.Trainer` runs ``[*extra, TrainLogger, Evaluator, Checkpointer]`` at the end of every
+optimizer step; extra callbacks (tests: fault injection, row audits) come first and see the same hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from trainers.loop import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step's sums over its micro-batches (device tensors: no host sync)."""
+
+    loss_sum: torch.Tensor
+    metric_sums: dict[str, torch.Tensor]
+    n_micro: int
+    wait_s: float
+
+
+class Callback:
+    """Hooks of the training loop; every one is a no-op unless overridden."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """After the restore, before the first step of this fit."""
+
+    def on_step_end(self, trainer: Trainer, step: int, out: StepOutput) -> None:
+        """After optimizer step ``step`` (the global step, counted from 1)."""
+
+    def on_checkpoint(self, trainer: Trainer, step: int, committed: dict[str, np.ndarray]) -> None:
+        """After the checkpoint of ``step`` was persisted; ``committed`` are the row ids (per stream) it
+        committed since the previous checkpoint."""
+
+
+def due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
+
+
+class TrainLogger(Callback):
+    """Every ``trainer.log_every`` steps: mean loss and objective metrics over ranks (one host sync),
+    LR, throughput, MFU and the share of time spent waiting for data."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self._reset(None)
+
+    def _reset(self, t0: float | None) -> None:
+        self.loss, self.sums, self.n_micro, self.wait_s, self.t0 = None, {}, 0, 0.0, t0
+
+    def on_step_end(self, trainer: Trainer, step: int, out: StepOutput) -> None:
+        if self.t0 is None:
+            self.t0 = trainer.loop_start
+        self.loss = out.loss_sum if self.loss is None else self.loss + out.loss_sum
+        for k, v in out.metric_sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n_micro += out.n_micro
+        self.wait_s += out.wait_s
+        t = trainer.cfg.trainer
+        if due(step, t.log_every, t.max_steps):
+            trainer.last_train_loss = self._log(trainer, step, time.perf_counter() - self.t0)
+            self._reset(time.perf_counter())
+
+    def _log(self, trainer: Trainer, step: int, dt: float) -> float:
+        import torch.distributed as dist
+
+        keys = sorted(self.sums)
+        n = torch.tensor(float(self.n_micro), device=trainer.device)
+        buf = torch.stack([self.loss, *(self.sums[k] for k in keys), n])
+        dist.all_reduce(buf)
+        means = (buf[:-1] / buf[-1]).tolist()
+        work = trainer.work
+        units = self.n_micro * trainer.cfg.trainer.micro_batch_size * work.units_per_row  # this rank
+        rate_rank = units / dt
+        perf = {"train/loss": means[0], "lr": trainer.lr(step), f"perf/{work.unit}_per_s": rate_rank * trainer.world,
+                "data/wait_frac": self.wait_s / dt}
+        if work.flops_per_unit:
+            perf["perf/mfu"] = rate_rank * work.flops_per_unit / trainer.peak_flops
+        trainer.sink.log(perf, step)
+        if keys:
+            folded = trainer.objective.reduce_metrics(dict(zip(keys, means[1:], strict=True)))
+            trainer.sink.log({f"train/{k}": v for k, v in folded.items()}, step)
+        return means[0]
+
+
+class Evaluator(Callback):
+    """``val/loss`` (the run's validation set) and ``val/<name>/loss`` (``data.eval_sets``) at step 0 (the
+    untrained baseline) and every ``trainer.eval_every`` steps, plus the workload's extra evaluation
+    (image probes)."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        data = trainer.cfg.data
+        self.vals = {n: trainer.eval_rows(n, data.eval_rows) for n in trainer.plan.eval_shards if n != "probe"}
+        self.bank = trainer.eval_rows("probe", data.probe_rows) if "probe" in trainer.plan.eval_shards else None
+        if trainer.state.step == 0:
+            trainer.sink.log(self.evaluate_all(trainer), 0)
+
+    def on_step_end(self, trainer: Trainer, step: int, out: StepOutput) -> None:
+        t = trainer.cfg.trainer
+        if due(step, t.eval_every, t.max_steps):
+            trainer.step_evals = self.evaluate_all(trainer)
+            trainer.sink.log(trainer.step_evals, step)
+
+    def evaluate_all(self, trainer: Trainer) -> dict[str, float]:
+        out = {}
+        for name, rows in self.vals.items():
+            key = "val/loss" if name == "val" else f"val/{name.removeprefix('val:')}/loss"
+            out[key] = trainer.evaluate(rows)
+            out.update(trainer.work.extra_eval(trainer, name, rows, self.bank))
+        return out
+
+
+class Checkpointer(Callback):
+    """Every ``trainer.checkpoint_every`` steps (and at the last): the engine state, ``train_state.json``
+    and the consolidated export, persisted through the context; then every callback's ``on_checkpoint``."""
+
+    def on_step_end(self, trainer: Trainer, step: int, out: StepOutput) -> None:
+        t = trainer.cfg.trainer
+        if due(step, t.checkpoint_every, t.max_steps):
+            self.save(trainer, step)
+
+    def save(self, trainer: Trainer, step: int) -> None:
+        from trainers.checkpoint import save_checkpoint
+
+        t, st = trainer.cfg.trainer, trainer.state
+        pos = trainer.batches.position()
+        st.tokens_seen = step * t.rows_per_step * trainer.world * trainer.work.units_per_row  # images for images
+        st.data_position = pos
+        st.mlflow_run_id = trainer.plan.mlflow_run_id
+        st.config = trainer.cfg.model_dump(mode="json")
+        metrics = {"step": step, f"{trainer.work.unit}_seen": st.tokens_seen, "data_epoch": pos.epoch}
+        if trainer.last_train_loss is not None:
+            metrics["train/loss"] = trainer.last_train_loss
+        metrics.update(trainer.step_evals or {})
+        with tempfile.TemporaryDirectory(prefix="rpt-ckpt-") as tmp:
+            save_checkpoint(trainer.engine, tmp, state=st, zero_stage=t.zero_stage, export=trainer.work.export)
+            trainer.ctx.report(metrics, Path(tmp))
+        committed = trainer.batches.take_committed()
+        for cb in trainer.callbacks:
+            cb.on_checkpoint(trainer, step, committed)

@@ -1,0 +1,60 @@
+"""The loop's view of its runtime: rank, world size, the run's latest checkpoint, the planned streams and
+reporting. :class:`RayTrainContext` is Ray Train's; tests build the loop with their own (in-memory
+streams, a local checkpoint folder) and run it without Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class TrainContext(Protocol):
+    rank: int
+    world: int
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+        """This run's own latest checkpoint as a local folder (restart or ``--resume``), or None."""
+
+    def batches(self, stream: str, batch_size: int, prefetch: int) -> Iterator[dict[str, Any]]:
+        """Micro-batches (dicts of tensors, ``row_id`` included) of this rank's planned ``stream``."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        """Persist a checkpoint folder (collective: every rank calls it) with its metrics."""
+
+
+class RayTrainContext:
+    """Inside a Ray Train worker (``TorchTrainer``): the planned streams are Ray Data shards
+    (:class:`data.stream.PlannedDataConfig`), checkpoints go through ``ray.train.report``."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield Path(d)
+
+    def batches(self, stream: str, batch_size: int, prefetch: int) -> Iterator[dict[str, Any]]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(stream)
+        return iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch))
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report(metrics, checkpoint=ckpt)

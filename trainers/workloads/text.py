@@ -1,0 +1,140 @@
+"""Token rows for the decoder LM: the driver-side spec (torch-free). The worker side is
+:mod:`trainers.workloads.text_worker`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from models.files import LM_CONFIG as MODEL_CONFIG
+from models.files import LM_WEIGHTS as WEIGHTS
+from models.files import TOKENIZER, TOKENIZER_CONFIG
+from trainers.workloads.base import DataError, DataFacts, WorkloadSpec
+
+if TYPE_CHECKING:
+    from trainers.config import RunConfig
+
+
+
+class TextSpec(WorkloadSpec):
+    kind = "text"
+    manifest_format = "rpt-packed-v1"
+    columns = ("tokens", "row_id")
+    unit = "tokens"
+    export_marker = MODEL_CONFIG
+    export_files = (WEIGHTS, MODEL_CONFIG, TOKENIZER)
+    optional_files = (TOKENIZER_CONFIG,)
+    objective_hint = "a token objective (causal_lm, mlm, span_corruption, ul2, self_distillation)"
+
+    def owns(self, objective) -> bool:
+        from objectives.base import TokenObjective
+
+        return isinstance(objective, TokenObjective)
+
+    def check(self, cfg: RunConfig, root: Path, manifest) -> DataFacts:
+        tok = manifest.tokenizer
+        vocab = tok.vocab_size
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size != vocab:
+            raise DataError(
+                f"model.vocab_size={cfg.model.vocab_size} does not match the tokenizer vocabulary of {vocab} "
+                f"({root / tok.path}); remove model.vocab_size (it defaults to the tokenizer's) "
+                "or prepare the data with data.prepare.vocab_size matching the model"
+            )
+        if cfg.model.max_seq_len is not None and cfg.model.max_seq_len < manifest.seq_len:
+            raise DataError(
+                f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the data's seq_len={manifest.seq_len} "
+                f"({root}/manifest.json); raise model.max_seq_len or prepare shorter rows"
+            )
+        roles = tokenizer_roles(manifest)
+        fields = {
+            "tokenizer_path": str((root / tok.path).resolve()),
+            "tokenizer_sha256": tok.sha256,
+            "vocab_size": vocab,
+            "seq_len": manifest.seq_len,
+            "special_tokens": dict(tok.special_tokens),
+            "eos_id": tok.eos_id,
+            "pad_id": tok.pad_id,
+            "tokenizer_config": roles,
+        }
+        return DataFacts(self.kind, manifest, fields)
+
+    def check_other(self, field_name: str, path: str, facts: DataFacts) -> None:
+        from data.manifest import Manifest
+
+        try:
+            other = Manifest.load(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"{field_name}={path!r}: {e}") from None
+        m = facts.manifest
+        if other.tokenizer.sha256 != m.tokenizer.sha256 or other.seq_len != m.seq_len:
+            raise DataError(
+                f"{field_name}={path!r} was prepared with another tokenizer or seq_len than data.path: prepare it "
+                f"with data.prepare.tokenizer={facts.fields['tokenizer_path']!r} and seq_len={m.seq_len}"
+            )
+
+    def check_init(self, cfg: RunConfig, facts: DataFacts) -> None:
+        """The start model's vocabulary must be the data tokenizer's; a larger (padded) embedding is
+        accepted only when the model carries that very tokenizer (as imported released models do)."""
+        src = cfg.trainer.init_from
+        if not src:
+            return
+        init_cfg = Path(src, MODEL_CONFIG)
+        if not init_cfg.is_file():
+            raise DataError(f"trainer.init_from={src!r} holds no {MODEL_CONFIG}")
+        src_vocab = json.loads(init_cfg.read_text()).get("vocab_size")
+        vocab = facts.fields["vocab_size"]
+        if src_vocab == vocab or (src_vocab > vocab and _same_tokenizer(Path(src), facts)):
+            return
+        raise DataError(
+            f"trainer.init_from model has vocab_size {src_vocab}, the data's tokenizer has {vocab}: "
+            "continue pre-training with data tokenised by the model's own tokenizer "
+            f"(data.prepare.tokenizer={str(Path(src, TOKENIZER))!r})"
+        )
+
+    def rows_unit(self, facts: DataFacts) -> int:
+        return int(facts.fields["seq_len"])
+
+    def worker(self, cfg: RunConfig, plan):
+        from trainers.workloads.text_worker import TextWorkload
+
+        return TextWorkload(cfg, plan)
+
+    def pyfunc(self):
+        from models.pyfunc import DecoderLMPyfunc
+
+        return DecoderLMPyfunc(), ["torch", "safetensors", "tokenizers", "mlflow", "pydantic"]
+
+    def signature(self):
+        from models.pyfunc import decoder_signature
+
+        return decoder_signature()
+
+    def load_export(self, directory: Path):
+        from tokenizers import Tokenizer
+
+        from models.io import load_pretrained
+
+        model, _ = load_pretrained(directory)
+        return model.eval(), Tokenizer.from_file(str(Path(directory, TOKENIZER)))
+
+
+def tokenizer_roles(manifest) -> dict:
+    """The tokenizer's bos/eos/pad tokens as ``tokenizer_config.json`` keys (written next to every export)."""
+    tok = manifest.tokenizer
+    by_id = {v: k for k, v in tok.special_tokens.items()}
+    bos_id = getattr(tok, "bos_id", None)  # manifests before stock tokenizers: no BOS
+    return {
+        "bos_token": by_id.get(bos_id) if bos_id is not None else None,
+        "eos_token": by_id.get(tok.eos_id),
+        "pad_token": by_id.get(tok.pad_id),
+        "add_bos_token": bool(getattr(tok, "add_bos", False)),
+        "add_eos_token": False,
+    }
+
+
+def _same_tokenizer(model_dir: Path, facts: DataFacts) -> bool:
+    from data.tokenizer import tokenizer_sha256
+
+    path = model_dir / TOKENIZER
+    return path.is_file() and tokenizer_sha256(path) == facts.fields["tokenizer_sha256"]
