@@ -183,12 +183,7 @@ def up(
     """
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    existing = LocalCluster.load(state_dir)
-    if existing is not None and existing.processes():
-        raise ClusterError(
-            f"a local cluster is already running from {state_dir} (dashboard {existing.dashboard_url}); "
-            "run `rpt cluster down` first or pass another --state-dir"
-        )
+    _refuse_if_running(state_dir)
     # Short on purpose: the session folder + socket names must fit in a unix socket path.
     temp_dir = tempfile.mkdtemp(prefix="rpt-ray-", dir="/tmp")
     worker_temp_dir = tempfile.mkdtemp(prefix="rpt-ray-w-", dir="/tmp")
@@ -202,14 +197,44 @@ def up(
         dashboard_url=f"http://{NODE_IP}:{dash_port}",
         started_at=time.time(),
     )
-    common = [
+    common = _common_node_args(object_store_mb)
+    head = _head_node_args(gcs_port, dash_port, num_cpus_head, temp_dir)
+    _ensure_token()
+    try:
+        _start_nodes(cluster, head, common, num_cpus_head, num_cpus_worker, timeout_s)
+    except BaseException:
+        _stop(cluster, timeout_s=30)
+        _forget(cluster)
+        raise
+    log.info("local cluster up: dashboard %s, GCS %s, temp dir %s",
+             cluster.dashboard_url, cluster.gcs_address, temp_dir)
+    return cluster
+
+
+def _refuse_if_running(state_dir: Path) -> None:
+    """Raise :class:`ClusterError` if the cluster recorded in ``state_dir`` still has live processes."""
+    existing = LocalCluster.load(state_dir)
+    if existing is not None and existing.processes():
+        raise ClusterError(
+            f"a local cluster is already running from {state_dir} (dashboard {existing.dashboard_url}); "
+            "run `rpt cluster down` first or pass another --state-dir"
+        )
+
+
+def _common_node_args(object_store_mb: int) -> list[str]:
+    """`ray start` flags of both nodes: blocking, no usage stats, random worker ports, object store size."""
+    return [
         "--block",
         "--disable-usage-stats",
         "--min-worker-port=0",
         "--max-worker-port=0",
         f"--object-store-memory={object_store_mb * 1024 * 1024}",
     ]
-    head = [
+
+
+def _head_node_args(gcs_port: int, dash_port: int, num_cpus: int, temp_dir: str) -> list[str]:
+    """`ray start` flags of the head: GCS and dashboard ports, free ports for everything else Ray binds."""
+    return [
         "--head",
         f"--port={gcs_port}",
         "--include-dashboard=true",
@@ -217,33 +242,43 @@ def up(
         f"--dashboard-port={dash_port}",
         f"--ray-client-server-port={_free_port()}",
         f"--dashboard-agent-listen-port={_free_port()}",
-        f"--num-cpus={num_cpus_head}",
+        f"--num-cpus={num_cpus}",
         "--num-gpus=0",
         f"--temp-dir={temp_dir}",
     ]
-    _ensure_token()
-    try:
-        cluster.nodes.append(_start_node(cluster, "head", head + common, num_cpus_head))
-        cluster.save()
-        _wait(lambda: _get_json(f"{cluster.dashboard_url}/api/version") is not None, cluster, "the head's dashboard", timeout_s)
-        worker = [
-            f"--address={cluster.gcs_address}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--num-cpus={num_cpus_worker}",
-            "--num-gpus=0",
-            f"--temp-dir={worker_temp_dir}",
-        ]
-        cluster.nodes.append(_start_node(cluster, "worker", worker + common, num_cpus_worker))
-        cluster.save()
-        _wait(lambda: _alive_nodes(cluster.dashboard_url) >= 2 or None, cluster, "the worker node", timeout_s)
-        # The Jobs API answers once the job module is loaded (it can lag the version endpoint).
-        _wait(lambda: _get_json(f"{cluster.dashboard_url}/api/jobs/") is not None, cluster, "the Jobs API", timeout_s)
-    except BaseException:
-        _stop(cluster, timeout_s=30)
-        _forget(cluster)
-        raise
-    log.info("local cluster up: dashboard %s, GCS %s, temp dir %s", cluster.dashboard_url, cluster.gcs_address, temp_dir)
-    return cluster
+
+
+def _worker_node_args(cluster: LocalCluster, num_cpus: int) -> list[str]:
+    """`ray start` flags of the worker node: join the head's GCS, with its own agent port and temp dir."""
+    return [
+        f"--address={cluster.gcs_address}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--temp-dir={cluster.worker_temp_dir}",
+    ]
+
+
+def _start_nodes(
+    cluster: LocalCluster,
+    head: list[str],
+    common: list[str],
+    num_cpus_head: int,
+    num_cpus_worker: int,
+    timeout_s: float,
+) -> None:
+    """Start the head, wait for its dashboard, then the worker node; return once both are ALIVE and the
+    Jobs API answers. Each node is recorded in the state file as soon as it is started."""
+    url = cluster.dashboard_url
+    cluster.nodes.append(_start_node(cluster, "head", head + common, num_cpus_head))
+    cluster.save()
+    _wait(lambda: _get_json(f"{url}/api/version") is not None, cluster, "the head's dashboard", timeout_s)
+    worker = _worker_node_args(cluster, num_cpus_worker)
+    cluster.nodes.append(_start_node(cluster, "worker", worker + common, num_cpus_worker))
+    cluster.save()
+    _wait(lambda: _alive_nodes(url) >= 2 or None, cluster, "the worker node", timeout_s)
+    # The Jobs API answers once the job module is loaded (it can lag the version endpoint).
+    _wait(lambda: _get_json(f"{url}/api/jobs/") is not None, cluster, "the Jobs API", timeout_s)
 
 
 def _start_node(cluster: LocalCluster, role: str, args: list[str], num_cpus: int) -> NodeProcess:

@@ -73,6 +73,11 @@ def _fmt(x: float) -> str:
     return mant if int(exp) == 0 else f"{mant}e{int(exp)}"
 
 
+# Overlapping curves stay visible: later curves are thinner and dashed, drawn over the earlier ones.
+_LINE_STYLES = ("-", (0, (6, 2)), (0, (3, 1.5, 1, 1.5)), (0, (1.5, 1)))
+_BOUNDARY_GREY = "0.35"
+
+
 def plot_lr(curves: list[dict[str, Any]], out: str | Path, *, title: str | None = None) -> Path:
     """Draw the LR of every curve on one axes and save a PNG (dpi 120) at ``out``; returns its path.
 
@@ -89,10 +94,6 @@ def plot_lr(curves: list[dict[str, Any]], out: str | Path, *, title: str | None 
     for i, c in enumerate(curves):
         _check_curve(i, c)
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
     n = len(curves)
     ys = [lr_curve(c["name"], c["params"], float(c["lr_peak"]), c["steps"]) for c in curves]
     phase_lists = [schedules.phases(c["name"], **dict(c["params"])) for c in curves]
@@ -100,73 +101,107 @@ def plot_lr(curves: list[dict[str, Any]], out: str | Path, *, title: str | None 
     x_end = max(c["steps"] for c in curves)
     y_max = max(float(y.max()) for y in ys)
 
+    fig, ax, ribbon_h = _new_axes(n, x_end, y_max)
+    for i, (c, y, ph) in enumerate(zip(curves, ys, phase_lists, strict=True)):
+        _draw_curve(ax, i, n, c, y)
+        _draw_phase_ribbon(ax, i, c, ph, ribbon_h)
+    by_step = _task_boundaries_by_step(curves, bound_lists)
+    _draw_task_boundaries(ax, by_step, n, x_end)
+    _add_legend_and_labels(ax, n, bool(by_step), title)
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def _color(i: int) -> str:
+    """Colour of curve ``i`` (and of its ribbon and its own task boundaries)."""
+    return f"C{i % 10}"
+
+
+def _new_axes(n: int, x_end: int, y_max: float) -> tuple[Any, Any, float]:
+    """An Agg figure and axes for ``n`` curves; returns ``(fig, ax, ribbon_h)``.
+
+    The phase ribbons are stacked at the top of the axes, ``ribbon_h`` (axes fraction) each; the y range
+    leaves room for them above the curves.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(11, 4.8 + 0.25 * n), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    colors = [f"C{i % 10}" for i in range(n)]
-    # Overlapping curves stay visible: later curves are thinner and dashed, drawn over the earlier ones.
-    styles = ["-", (0, (6, 2)), (0, (3, 1.5, 1, 1.5)), (0, (1.5, 1))]
-    widths = [2.8 - 1.5 * i / (n - 1) if n > 1 else 1.8 for i in range(n)]
-
-    # Phase ribbons stacked at the top of the axes; the y range leaves room for them above the curves.
     ribbon_h = min(0.06, 0.4 / n)
     top_frac = 1.0 - n * ribbon_h - 0.04
     ax.set_xlim(0, max(x_end - 1, 1))
     ax.set_ylim(0, (y_max if y_max > 0 else 1.0) / top_frac)
+    return fig, ax, ribbon_h
 
-    for i, (c, y, ph) in enumerate(zip(curves, ys, phase_lists, strict=True)):
-        steps, color = c["steps"], colors[i]
-        ax.plot(
-            range(steps),
-            y,
-            color=color,
-            lw=widths[i],
-            ls=styles[i % len(styles)],
-            label=f"{c['label']} ({c['name']}, peak {_fmt(float(c['lr_peak']))})",
-            zorder=3 + i,
-        )
-        y_hi = 1.0 - i * ribbon_h
-        y_lo = y_hi - ribbon_h
-        ax.text(
-            1.004,
-            (y_lo + y_hi) / 2,
-            c["label"],
-            transform=ax.transAxes,
-            ha="left",
-            va="center",
-            fontsize=7,
-            color=color,
-        )
-        for j, (phase, start, end) in enumerate(ph):
-            start, end = max(start, 0), min(end, steps)
-            if start >= end:
-                continue
-            ax.axvspan(start, end, ymin=y_lo, ymax=y_hi, color=color, alpha=0.14 if j % 2 else 0.28, lw=0)
-            if start > 0:
-                ax.axvline(start, color=color, ls=":", lw=0.8, alpha=0.5, zorder=1)
-            name = _TASK_PREFIX.sub("", phase)
-            if (end - start) / ax.get_xlim()[1] >= 0.0085 * len(name) + 0.004:
-                ax.text(
-                    (start + end) / 2,
-                    (y_lo + y_hi) / 2,
-                    name,
-                    transform=ax.get_xaxis_transform(),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="0.15",
-                    clip_on=True,
-                )
 
-    # Task boundaries: one line per step; grey and shared when every curve has it.
+def _draw_curve(ax: Any, i: int, n: int, c: dict[str, Any], y: np.ndarray) -> None:
+    """The LR line of curve ``i`` of ``n``: later curves thinner and dashed, drawn over the earlier ones."""
+    ax.plot(
+        range(c["steps"]),
+        y,
+        color=_color(i),
+        lw=2.8 - 1.5 * i / (n - 1) if n > 1 else 1.8,
+        ls=_LINE_STYLES[i % len(_LINE_STYLES)],
+        label=f"{c['label']} ({c['name']}, peak {_fmt(float(c['lr_peak']))})",
+        zorder=3 + i,
+    )
+
+
+def _draw_phase_ribbon(
+    ax: Any, i: int, c: dict[str, Any], phases: list[schedules.Phase], ribbon_h: float
+) -> None:
+    """Ribbon ``i`` (from the top) of curve ``c``'s phases: curve label on the right, alternating shades,
+    dotted lines at phase starts and the phase names (``taskK:`` prefix dropped) where they fit."""
+    steps, color = c["steps"], _color(i)
+    y_hi = 1.0 - i * ribbon_h
+    y_lo = y_hi - ribbon_h
+    y_mid = (y_lo + y_hi) / 2
+    ax.text(1.004, y_mid, c["label"], transform=ax.transAxes, ha="left", va="center", fontsize=7, color=color)
+    for j, (phase, start, end) in enumerate(phases):
+        start, end = max(start, 0), min(end, steps)
+        if start >= end:
+            continue
+        ax.axvspan(start, end, ymin=y_lo, ymax=y_hi, color=color, alpha=0.14 if j % 2 else 0.28, lw=0)
+        if start > 0:
+            ax.axvline(start, color=color, ls=":", lw=0.8, alpha=0.5, zorder=1)
+        name = _TASK_PREFIX.sub("", phase)
+        if (end - start) / ax.get_xlim()[1] >= 0.0085 * len(name) + 0.004:
+            ax.text(
+                (start + end) / 2,
+                y_mid,
+                name,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="0.15",
+                clip_on=True,
+            )
+
+
+def _task_boundaries_by_step(
+    curves: list[dict[str, Any]], bound_lists: list[list[int]]
+) -> dict[int, tuple[int, list[int]]]:
+    """Task starts within each curve's steps: ``{step: (task index, [indices of the curves having it])}``."""
     by_step: dict[int, tuple[int, list[int]]] = {}
     for i, (c, bounds) in enumerate(zip(curves, bound_lists, strict=True)):
         for k, b in enumerate(bounds):
             if b < c["steps"]:
                 by_step.setdefault(b, (k, []))[1].append(i)
+    return by_step
+
+
+def _draw_task_boundaries(ax: Any, by_step: dict[int, tuple[int, list[int]]], n: int, x_end: int) -> None:
+    """One dashed line per task start, labelled "task k": grey when every curve has it (or there is one
+    curve), otherwise in the colour of the first curve that has it."""
     for b, (k, owners) in sorted(by_step.items()):
         shared = len(owners) == n and n > 1
-        color = "0.35" if shared or n == 1 else colors[owners[0]]
+        color = _BOUNDARY_GREY if shared or n == 1 else _color(owners[0])
         ax.axvline(b, color=color, ls="--", lw=1.1, alpha=0.85, zorder=2)
         ax.text(
             b,
@@ -180,16 +215,21 @@ def plot_lr(curves: list[dict[str, Any]], out: str | Path, *, title: str | None 
             color=color,
         )
 
+
+def _add_legend_and_labels(ax: Any, n: int, has_boundaries: bool, title: str | None) -> None:
+    """Legend below the axes (with a "task boundary" entry if any), axis labels, grid and title."""
+    from matplotlib.lines import Line2D
+
     handles, labels = ax.get_legend_handles_labels()
-    if by_step:
-        handles.append(Line2D([], [], color="0.35", ls="--", lw=1.1))
+    if has_boundaries:
+        handles.append(Line2D([], [], color=_BOUNDARY_GREY, ls="--", lw=1.1))
         labels.append("task boundary")
     ax.legend(
         handles,
         labels,
         loc="upper center",
         bbox_to_anchor=(0.5, -0.13),
-        ncol=min(n + bool(by_step), 3),
+        ncol=min(n + has_boundaries, 3),
         fontsize=9,
         frameon=False,
     )
@@ -198,11 +238,6 @@ def plot_lr(curves: list[dict[str, Any]], out: str | Path, *, title: str | None 
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax.grid(True, alpha=0.25, lw=0.6)
     ax.set_title(title if title is not None else "learning-rate schedule" + ("s" if n > 1 else ""))
-
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
-    return path
 
 
 def _labels(paths: Sequence[Path], names: Sequence[str]) -> list[str]:
