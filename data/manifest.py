@@ -6,6 +6,7 @@ Layout written by `rpt data prepare` (`data/prepare.py`):
 OUT_DIR/
   manifest.json            this model, format "rpt-packed-v1"
   tokenizer.json           the tokenizer the ids come from (sha256 in the manifest)
+  tokenizer_config.json    its special-token roles for `transformers` (bos/eos/pad_token, add_bos_token)
   train/part-00000.parquet columns: tokens fixed_size_list<int32>[row_len], row_id int64
   val/part-00000.parquet
 ```
@@ -30,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data.tokenizer import EOS_TOKEN, PAD_TOKEN, tokenizer_sha256
+from data.tokenizer import EOS_TOKEN, PAD_TOKEN, TokenizerRoles, tokenizer_sha256
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "rpt-packed-v1"
@@ -96,23 +97,62 @@ class SourceInfo(_Strict):
 
 
 class TokenizerInfo(_Strict):
+    """The tokenizer of a prepared folder and the roles of its special tokens.
+
+    `eos_token` ends every document in the packed rows; `pad_token` pads (None: the tokenizer has none
+    and `pad_id` is `eos_id`); `bos_token` / `bos_id` begin a sequence, and `add_bos` says whether the
+    packer put `bos_id` before every document. Manifests written before these fields existed describe
+    the project's own tokenizer, which the defaults reproduce (`<|eos|>`, `<|pad|>`, no BOS).
+    `special_tokens` holds the tokenizer's special tokens (added tokens flagged special) and the role
+    tokens; `vocab_size` counts any special tokens `rpt data prepare` added to a released tokenizer.
+    """
+
     path: str = "tokenizer.json"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     vocab_size: int = Field(ge=1)
     eos_id: int = Field(ge=0)
     pad_id: int = Field(ge=0)
     special_tokens: dict[str, int]
+    eos_token: str = Field(EOS_TOKEN, min_length=1, description="the token after every document")
+    pad_token: str | None = Field(PAD_TOKEN, min_length=1, description="None: no pad token, EOS pads")
+    bos_token: str | None = Field(None, min_length=1, description="begin-of-sequence token, if any")
+    bos_id: int | None = Field(None, ge=0)
+    add_bos: bool = Field(False, description="bos_id was put before every document")
 
     @model_validator(mode="after")
     def _specials(self) -> TokenizerInfo:
-        if self.special_tokens.get(EOS_TOKEN) != self.eos_id:
-            raise ValueError(f"special_tokens[{EOS_TOKEN!r}] must equal eos_id={self.eos_id}")
-        if self.special_tokens.get(PAD_TOKEN) != self.pad_id:
-            raise ValueError(f"special_tokens[{PAD_TOKEN!r}] must equal pad_id={self.pad_id}")
+        if self.special_tokens.get(self.eos_token) != self.eos_id:
+            raise ValueError(f"special_tokens[{self.eos_token!r}] must equal eos_id={self.eos_id}")
+        if self.pad_token is None:
+            if self.pad_id != self.eos_id:
+                raise ValueError(
+                    f"pad_token is null (EOS pads), so pad_id={self.pad_id} must equal eos_id={self.eos_id}"
+                )
+        elif self.special_tokens.get(self.pad_token) != self.pad_id:
+            raise ValueError(f"special_tokens[{self.pad_token!r}] must equal pad_id={self.pad_id}")
+        if (self.bos_token is None) != (self.bos_id is None):
+            raise ValueError(f"bos_token={self.bos_token!r} and bos_id={self.bos_id!r} must be set together")
+        if self.bos_token is not None and self.special_tokens.get(self.bos_token) != self.bos_id:
+            raise ValueError(f"special_tokens[{self.bos_token!r}] must equal bos_id={self.bos_id}")
+        if self.add_bos and self.bos_id is None:
+            raise ValueError("add_bos is true but bos_token / bos_id are unset")
         bad = {k: v for k, v in self.special_tokens.items() if not 0 <= v < self.vocab_size}
         if bad:
             raise ValueError(f"special token ids {bad} are outside the vocabulary [0, {self.vocab_size})")
         return self
+
+    def roles(self) -> TokenizerRoles:
+        """The roles as a :class:`data.tokenizer.TokenizerRoles` (`.to_tokenizer_config()` gives the
+        `tokenizer_config.json` of the folder, also for folders prepared before it was written)."""
+        return TokenizerRoles(
+            eos_token=self.eos_token,
+            eos_id=self.eos_id,
+            pad_token=self.pad_token,
+            pad_id=self.pad_id,
+            bos_token=self.bos_token,
+            bos_id=self.bos_id,
+            add_bos_token=self.add_bos,
+        )
 
 
 class DocumentCounts(_Strict):

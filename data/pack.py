@@ -3,10 +3,11 @@
 Nothing here imports Ray, so these functions are unit-tested with exact values
 (`tests/unit/test_packing.py`) and reused inside Ray Data UDFs (`data/prepare.py`).
 
-Packing layout: every document's token ids are followed by one EOS id, the documents are
-concatenated in order, and the stream is cut into rows of `row_len = seq_len + 1` tokens (the extra
-token gives the shifted next-token targets of the last position). A row may contain the end of one
-document and the start of the next; the EOS between them marks the boundary.
+Packing layout: every document's token ids are followed by one EOS id (and, for a tokenizer whose
+model expects it, e.g. Llama's `<s>`, preceded by one BOS id), the documents are concatenated in order,
+and the stream is cut into rows of `row_len = seq_len + 1` tokens (the extra token gives the shifted
+next-token targets of the last position). A row may contain the end of one document and the start of
+the next; the EOS between them marks the boundary.
 """
 
 from __future__ import annotations
@@ -54,13 +55,25 @@ def val_threshold(u_split: np.ndarray, val_fraction: float) -> float:
     return float(np.nextafter(u_split.min(), np.inf))
 
 
-def concat_with_eos(docs: Sequence[np.ndarray], eos_id: int) -> np.ndarray:
-    """Concatenate token-id arrays with `eos_id` appended after every document (int32)."""
+def concat_with_eos(docs: Sequence[np.ndarray], eos_id: int, bos_id: int | None = None) -> np.ndarray:
+    """Concatenate token-id arrays with `eos_id` appended after every document (int32).
+
+    With `bos_id`, every document is also preceded by it: `BOS doc EOS BOS doc EOS ...` (one vectorised
+    insertion, empty documents included: `BOS EOS`).
+    """
     if len(docs) == 0:
         return np.empty(0, dtype=np.int32)
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
     flat = np.concatenate([np.asarray(d, dtype=np.int32) for d in docs])
-    return np.insert(flat, np.cumsum(lengths), np.int32(eos_id))  # (sum(lengths) + len(docs),)
+    ends = np.cumsum(lengths)
+    if bos_id is None:
+        return np.insert(flat, ends, np.int32(eos_id))  # (sum(lengths) + len(docs),)
+    # Insertion points start_0, end_0, start_1, end_1, ... are non-decreasing and np.insert places
+    # values at equal points in the given order, so EOS_i lands before BOS_{i+1} (and BOS before EOS
+    # of an empty document).
+    where = np.stack([ends - lengths, ends], axis=1).reshape(-1)  # (2 * docs,)
+    values = np.tile(np.array([bos_id, eos_id], dtype=np.int32), len(docs))
+    return np.insert(flat, where, values)  # (sum(lengths) + 2 * len(docs),)
 
 
 def cut_rows(stream: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,9 +96,11 @@ class Packed:
         return int(self.rows.size + self.tail.size)
 
 
-def pack_documents(docs: Sequence[np.ndarray], *, row_len: int, eos_id: int) -> Packed:
-    """EOS-terminate, concatenate and cut documents into rows of `row_len` tokens."""
-    rows, tail = cut_rows(concat_with_eos(docs, eos_id), row_len)
+def pack_documents(
+    docs: Sequence[np.ndarray], *, row_len: int, eos_id: int, bos_id: int | None = None
+) -> Packed:
+    """EOS-terminate (and with `bos_id` BOS-prefix), concatenate and cut documents into rows of `row_len`."""
+    rows, tail = cut_rows(concat_with_eos(docs, eos_id, bos_id), row_len)
     return Packed(rows=rows, tail=tail)
 
 

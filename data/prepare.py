@@ -1,14 +1,17 @@
-"""`rpt data prepare`: corpus -> byte-level BPE tokenizer -> packed, tokenized Parquet shards + manifest.
+"""`rpt data prepare`: corpus -> tokenizer -> packed, tokenized Parquet shards + manifest.
 
 Pipeline (Ray Data unless noted):
 
 1. read the corpus into a `text` column (`data/corpus.py`) and annotate every document with its
    character count and two keyed-hash uniforms (`data/pack.py:document_uniforms`); materialized once;
 2. driver: choose the validation documents (`u_split < val_threshold`, at least one when
-   `val_fraction > 0`), then train the tokenizer on a seeded sample of the *training* documents
-   (`u_sample < tokenizer_train_chars / train_characters`), or load the given `tokenizer.json`;
-3. `map_batches` with a callable class on `num_actors` actors: `encode_batch`, EOS after each document,
-   concatenate and cut into rows of `seq_len + 1` tokens (numpy reshape), train and val separately;
+   `val_fraction > 0`), then train a byte-level BPE tokenizer on a seeded sample of the *training*
+   documents (`u_sample < tokenizer_train_chars / train_characters`), or load the given one (a
+   `tokenizer.json` or a Hugging Face tokenizer folder, e.g. a released model's) and resolve which of
+   its tokens are EOS, PAD and BOS (`data/tokenizer.py:resolve_roles`);
+3. `map_batches` with a callable class on `num_actors` actors: `encode_batch`, EOS after each document
+   (and BOS before it when `add_bos_token`), concatenate and cut into rows of `seq_len + 1` tokens
+   (numpy reshape), train and val separately;
    each batch's leftover tail comes back as one padded row marked by its valid length;
 4. driver: stitch the per-batch tails into further rows (only the last tail of each split, fewer than
    `row_len` tokens, is dropped and reported), shuffle rows with a seeded permutation, write shards.
@@ -20,6 +23,9 @@ part, combined as a mixture by the reader), which also keeps each preparation re
 Determinism: the same corpus, seed and settings (seq_len, vocab_size, val_fraction, docs_per_batch, ...)
 give a byte-identical tokenizer and identical shards whatever `num_actors` is: Ray Data runs with
 `preserve_order`, the split hashes document contents, and the shuffle is a seeded permutation.
+
+Next to `tokenizer.json` goes `tokenizer_config.json` (`TokenizerRoles.to_tokenizer_config()`: the
+bos/eos/pad tokens and add_bos_token), for every tokenizer, so exports can be loaded by `transformers`.
 
 Everything is written to a temporary sibling folder and renamed to `out_dir` at the end, so a failure
 leaves no half-written dataset behind.
@@ -60,11 +66,20 @@ from data.tokenizer import (
     BASE_SPECIAL_TOKENS,
     EOS_TOKEN,
     PAD_TOKEN,
+    TokenizerRoles,
+    add_special_tokens,
+    all_special_tokens,
+    is_project_tokenizer,
     load_tokenizer,
     min_vocab_size,
+    resolve_roles,
     special_token_ids,
+    special_tokens_with_roles,
+    tokenizer_file,
     tokenizer_sha256,
     train_tokenizer,
+    vocab_size_of,
+    write_tokenizer_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,10 +102,27 @@ class PrepareConfig(BaseModel):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents held out for val")
     shard_rows: int = Field(2048, ge=1, description="rows per Parquet shard (the last may be smaller)")
     seed: int = Field(0, ge=0, le=(1 << 64) - 1, description="seeds the split, tokenizer sample, shuffle")
-    tokenizer: Path | None = Field(None, description="existing tokenizer.json to use instead of training one")
+    tokenizer: Path | None = Field(
+        None, description="tokenizer.json or Hugging Face tokenizer folder to use instead of training one"
+    )
+    bos_token: str | None = Field(
+        None, min_length=1, description="BOS token; default: the tokenizer folder's tokenizer_config.json"
+    )
+    eos_token: str | None = Field(
+        None, min_length=1, description="token after every document; default: tokenizer_config.json, <|eos|>"
+    )
+    pad_token: str | None = Field(
+        None, min_length=1, description="pad token; default: tokenizer_config.json, <|pad|>, else EOS pads"
+    )
+    add_bos_token: bool | None = Field(
+        None, description="put BOS before every document; default: tokenizer_config.json, the post-processor"
+    )
     text_column: str = Field("text", min_length=1, description="document column of Parquet/JSONL corpora")
     max_documents: int | None = Field(None, ge=1, description="keep only the first N documents")
-    special_tokens: list[str] = Field(default_factory=list, description="extra special tokens after eos/pad")
+    special_tokens: list[str] = Field(
+        default_factory=list,
+        description="extra special tokens: after eos/pad when trained, after a given tokenizer's vocabulary",
+    )
     overwrite: bool = Field(False, description="replace an existing non-empty out_dir")
     tokenizer_train_chars: int = Field(
         50_000_000, ge=1, description="characters of training documents sampled to train the tokenizer"
@@ -115,22 +147,45 @@ class PrepareConfig(BaseModel):
     def _special_tokens(cls, v: list[str]) -> list[str]:
         if any(not t or t.isspace() for t in v):
             raise ValueError(f"special_tokens must be non-empty strings, got {v!r}")
-        dupes = sorted({t for t in v if v.count(t) > 1 or t in BASE_SPECIAL_TOKENS})
+        dupes = sorted({t for t in v if v.count(t) > 1})
         if dupes:
-            raise ValueError(
-                f"special_tokens {dupes} are duplicated ({EOS_TOKEN} and {PAD_TOKEN} are always added)"
-            )
+            raise ValueError(f"special_tokens {dupes} are duplicated; list each token once")
         return v
 
     @model_validator(mode="after")
     def _vocab(self) -> PrepareConfig:
+        if self.tokenizer is not None:
+            return self
+        dupes = sorted(set(self.special_tokens) & set(BASE_SPECIAL_TOKENS))
+        if dupes:
+            raise ValueError(
+                f"special_tokens {dupes} are duplicated ({EOS_TOKEN} and {PAD_TOKEN} are always added)"
+            )
         need = min_vocab_size(self.special_tokens)
-        if self.tokenizer is None and self.vocab_size < need:
+        if self.vocab_size < need:
             raise ValueError(
                 f"vocab_size={self.vocab_size} is too small: a byte-level BPE needs >= {need} "
                 f"(256 byte symbols + {need - 256} special tokens)"
             )
+        specials = all_special_tokens(self.special_tokens)
+        for role in ("bos", "eos", "pad"):
+            token = getattr(self, f"{role}_token")
+            if token is not None and token not in specials:
+                raise ValueError(
+                    f"data.prepare.{role}_token={token!r} is not a special token of the tokenizer rpt trains "
+                    f"({', '.join(specials)}); add it to data.prepare.special_tokens, or set "
+                    "data.prepare.tokenizer to a tokenizer that has it"
+                )
+        if self.add_bos_token and self.bos_token is None:
+            raise ValueError(
+                "data.prepare.add_bos_token=True needs data.prepare.bos_token (the tokenizer rpt trains has no "
+                "BOS of its own): add e.g. '<|bos|>' to data.prepare.special_tokens and set bos_token to it"
+            )
         return self
+
+    def role_settings(self) -> dict[str, Any]:
+        """The explicit role fields, as keyword arguments of `data.tokenizer.resolve_roles`."""
+        return {k: getattr(self, k) for k in ("bos_token", "eos_token", "pad_token", "add_bos_token")}
 
 
 # ---- Ray Data UDFs ------------------------------------------------------------------------------
@@ -155,16 +210,30 @@ class TokenizeAndPack:
     every node sees (which training needs anyway to read the shards).
     """
 
-    def __init__(self, tokenizer_path: str, *, row_len: int, eos_id: int, pad_id: int, threshold: float):
+    def __init__(
+        self,
+        tokenizer_path: str,
+        *,
+        row_len: int,
+        eos_id: int,
+        pad_id: int,
+        threshold: float,
+        bos_id: int | None = None,
+    ):
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_file(tokenizer_path)
-        # A literal "<|eos|>" inside a document is text, not a document boundary: only the packer
-        # writes special ids (by default `tokenizers` would map the string to id 0).
+        # A released tokenizer.json may enable truncation or padding (e.g. to the model's context);
+        # documents are packed whole, so both are turned off (no-ops for the project's own tokenizer).
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        # A literal "<|eos|>" (or "</s>", ...) inside a document is text, not a document boundary: only
+        # the packer writes special ids (by default `tokenizers` would map the string to its id).
         self.tok.encode_special_tokens = True
         # encode_batch_fast skips the character offsets we do not use (same ids as encode_batch).
         self.encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
         self.row_len, self.eos_id, self.pad_id, self.threshold = row_len, eos_id, pad_id, threshold
+        self.bos_id = bos_id  # put before every document when set (add_bos_token)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         is_val = batch.column("u_split").to_numpy() < self.threshold
@@ -175,7 +244,7 @@ class TokenizeAndPack:
             docs = [ids[i] for i in np.flatnonzero(mask)]
             if not docs:
                 continue
-            packed = pack.pack_documents(docs, row_len=self.row_len, eos_id=self.eos_id)
+            packed = pack.pack_documents(docs, row_len=self.row_len, eos_id=self.eos_id, bos_id=self.bos_id)
             rows, valid = pack.rows_with_tail(packed, pad_id=self.pad_id)
             tokens.append(rows)
             n_valid.append(valid)
@@ -314,40 +383,109 @@ def _split_documents(docs: ray.data.Dataset, config: PrepareConfig) -> _DocStats
     return result
 
 
-def _build_tokenizer(
-    docs: ray.data.Dataset, stats: _DocStats, config: PrepareConfig, tok_path: Path, *, progress: bool
-) -> Tokenizer:
-    """Copy the given tokenizer, or train one on a seeded sample of the training documents."""
-    if config.tokenizer is not None:
-        tok = load_tokenizer(config.tokenizer)
+@dataclass(frozen=True)
+class TokenizerChoice:
+    """The tokenizer a preparation uses, its special-token roles, and where it came from."""
+
+    tok: Tokenizer
+    roles: TokenizerRoles
+    source: Path | None = None  # the given tokenizer.json; None when trained
+    added: tuple[str, ...] = ()  # special tokens added to a given tokenizer (after its vocabulary)
+
+    def write(self, directory: Path) -> Path:
+        """Write `DIR/tokenizer.json` (a byte copy of an unchanged given file) and `tokenizer_config.json`."""
+        tok_path = directory / TOKENIZER_NAME
+        if self.source is not None and not self.added:
+            shutil.copyfile(self.source, tok_path)
+        else:
+            self.tok.save(str(tok_path))
+        write_tokenizer_config(self.roles, directory)
+        return tok_path
+
+    def info(self, tok_path: Path) -> TokenizerInfo:
+        """The manifest's description of the written tokenizer."""
+        roles = self.roles
+        return TokenizerInfo(
+            path=tok_path.name,
+            sha256=tokenizer_sha256(tok_path),
+            vocab_size=vocab_size_of(self.tok),
+            eos_id=roles.eos_id,
+            pad_id=roles.pad_id,
+            special_tokens=special_tokens_with_roles(self.tok, roles),
+            eos_token=roles.eos_token,
+            pad_token=roles.pad_token,
+            bos_token=roles.bos_token,
+            bos_id=roles.bos_id,
+            add_bos=roles.add_bos_token,
+        )
+
+
+def load_given_tokenizer(config: PrepareConfig) -> TokenizerChoice:
+    """Load `config.tokenizer`, add `config.special_tokens` it lacks, and resolve its roles (no Ray).
+
+    A released model's tokenizer gets the missing special tokens appended after its vocabulary (with a
+    warning: the model's embedding needs rows for them). One of the project's own tokenizers (`<|eos|>`
+    = 0, `<|pad|>` = 1) is never extended: a missing special token is an error, as its vocabulary was
+    trained with its special tokens first.
+    """
+    assert config.tokenizer is not None
+    source = tokenizer_file(config.tokenizer)
+    tok = load_tokenizer(source)
+    added: list[str] = []
+    if is_project_tokenizer(tok):
         missing = [t for t in config.special_tokens if t not in special_token_ids(tok)]
         if missing:
             raise ValueError(
-                f"special_tokens {missing} are not special tokens of tokenizer {str(config.tokenizer)!r}"
+                f"data.prepare.special_tokens {missing} are not special tokens of tokenizer {str(source)!r} "
+                "(one of rpt's own, which is not extended); remove them, or leave data.prepare.tokenizer "
+                "unset to train a tokenizer that has them"
             )
-        shutil.copyfile(config.tokenizer, tok_path)
-        if tok.get_vocab_size() != config.vocab_size:
+    else:
+        before = vocab_size_of(tok)
+        added = add_special_tokens(tok, config.special_tokens)
+        if added:
+            ids = [tok.token_to_id(t) for t in added]
+            logger.warning(
+                "added special tokens %s (ids %s) to tokenizer %s after its vocabulary: vocab_size grows "
+                "from %d to %d; a model pre-trained with the original tokenizer needs an embedding with "
+                "room for them (at least %d rows)",
+                added, ids, source, before, vocab_size_of(tok), vocab_size_of(tok),
+            )  # fmt: skip
+    roles = resolve_roles(tok, config.tokenizer, **config.role_settings())
+    return TokenizerChoice(tok=tok, roles=roles, source=source, added=tuple(added))
+
+
+def _build_tokenizer(
+    docs: ray.data.Dataset,
+    stats: _DocStats,
+    config: PrepareConfig,
+    given: TokenizerChoice | None,
+    *,
+    progress: bool,
+) -> TokenizerChoice:
+    """The given tokenizer, or one trained on a seeded sample of the training documents."""
+    if given is not None:
+        if "vocab_size" in config.model_fields_set and vocab_size_of(given.tok) != config.vocab_size:
             logger.warning(
                 "using the given tokenizer's vocab_size %d instead of vocab_size=%d",
-                tok.get_vocab_size(),
+                vocab_size_of(given.tok),
                 config.vocab_size,
             )
-        return tok
+        return given
     sample_fraction = min(1.0, config.tokenizer_train_chars / max(stats.train_characters, 1))
     texts = _tokenizer_texts(docs, stats.threshold, sample_fraction)
     tok = train_tokenizer(texts, config.vocab_size, config.special_tokens, show_progress=progress)
-    tok.save(str(tok_path))
     if tok.get_vocab_size() < config.vocab_size:
         logger.warning(
             "the tokenizer ran out of merges: vocab_size %d < requested %d (small corpus)",
             tok.get_vocab_size(),
             config.vocab_size,
         )
-    return tok
+    return TokenizerChoice(tok=tok, roles=resolve_roles(tok, None, **config.role_settings()))
 
 
 def _tokenize_and_pack(
-    docs: ray.data.Dataset, tok_path: Path, specials: dict[str, int], threshold: float, config: PrepareConfig
+    docs: ray.data.Dataset, tok_path: Path, roles: TokenizerRoles, threshold: float, config: PrepareConfig
 ) -> dict[str, np.ndarray]:
     """Run `TokenizeAndPack` on an actor pool; returns the gathered `tokens`, `n_valid`, `split`."""
     num_actors = config.num_actors
@@ -362,8 +500,9 @@ def _tokenize_and_pack(
         fn_constructor_args=(str(tok_path),),
         fn_constructor_kwargs={
             "row_len": config.seq_len + 1,
-            "eos_id": specials[EOS_TOKEN],
-            "pad_id": specials[PAD_TOKEN],
+            "eos_id": roles.eos_id,
+            "pad_id": roles.pad_id,
+            "bos_id": roles.prepend_id,
             "threshold": threshold,
         },
         batch_size=config.docs_per_batch,
@@ -404,21 +543,20 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     Uses the current Ray instance (Ray Data starts a local one if none is running). `progress` turns
     Ray Data's progress bars, the tokenizer trainer's bar and the summary table on or off. Summary keys:
     out_dir, corpus, documents, train_documents, val_documents, characters, vocab_size, train_rows,
-    val_rows, tokens (all tokens incl. one EOS per document), packed_tokens, dropped_tokens, shards,
-    train_shards, val_shards, seconds, tokens_per_s.
+    val_rows, tokens (all tokens incl. one EOS, and with add_bos_token one BOS, per document),
+    packed_tokens, dropped_tokens, shards, train_shards, val_shards, seconds, tokens_per_s.
     """
     t0 = time.perf_counter()
     out_dir = Path(config.out_dir).expanduser().absolute()
     _check_out_dir(out_dir, config.overwrite)
     source = resolve_corpus(config.corpus, max_documents=config.max_documents)  # path errors before Ray work
-    if config.tokenizer is not None:
-        load_tokenizer(config.tokenizer)  # fail fast on a bad tokenizer file
+    # fail fast on a bad tokenizer file or special-token role, before any Ray work
+    given = load_given_tokenizer(config) if config.tokenizer is not None else None
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        tok_path = tmp / TOKENIZER_NAME
         with _data_context(progress):
             docs = (
                 read_corpus(source, text_column=config.text_column, max_documents=config.max_documents)
@@ -428,9 +566,17 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 .materialize()
             )
             stats = _split_documents(docs, config)
-            tok = _build_tokenizer(docs, stats, config, tok_path, progress=progress)
-            specials = special_token_ids(tok)
-            out = _tokenize_and_pack(docs, tok_path, specials, stats.threshold, config)
+            choice = _build_tokenizer(docs, stats, config, given, progress=progress)
+            tok_path = choice.write(tmp)
+            roles = choice.roles
+            logger.info(
+                "special tokens: eos %r = %d, pad %s, bos %s%s",
+                roles.eos_token, roles.eos_id,
+                "= eos" if roles.pads_with_eos else f"{roles.pad_token!r} = {roles.pad_id}",
+                f"{roles.bos_token!r} = {roles.bos_id}" if roles.bos_token is not None else "none",
+                " (put before every document)" if roles.add_bos_token else "",
+            )  # fmt: skip
+            out = _tokenize_and_pack(docs, tok_path, roles, stats.threshold, config)
             del docs  # release the materialized documents from the object store
         splits, dropped = _write_splits(out, config, tmp)
         if stats.val_documents and splits["val"].rows == 0:
@@ -439,20 +585,14 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 stats.val_documents,
                 config.seq_len + 1,
             )
-        vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        tokenizer_info = choice.info(tok_path)
+        vocab_size = tokenizer_info.vocab_size
         manifest = Manifest(
             seq_len=config.seq_len,
             row_len=config.seq_len + 1,
             seed=config.seed,
             source=SourceInfo(corpus=config.corpus, documents=stats.documents, characters=stats.characters),
-            tokenizer=TokenizerInfo(
-                path=TOKENIZER_NAME,
-                sha256=tokenizer_sha256(tok_path),
-                vocab_size=vocab_size,
-                eos_id=specials[EOS_TOKEN],
-                pad_id=specials[PAD_TOKEN],
-                special_tokens=specials,
-            ),
+            tokenizer=tokenizer_info,
             splits=splits,
             documents=DocumentCounts(train=stats.train_documents, val=stats.val_documents),
             dropped_tokens=dropped,

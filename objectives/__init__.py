@@ -25,7 +25,8 @@ from objectives.registry import Objective, available, get, params_model, registe
 def special_tokens_for(name: str, **params: Any) -> list[str]:
     """The extra special tokens objective ``name`` needs in the tokenizer (``data.prepare.special_tokens``).
 
-    ``<|eos|>`` and ``<|pad|>`` always exist and are left out.
+    EOS and PAD are never listed: every prepared tokenizer has an EOS (``data.prepare.eos_token``) and
+    a pad id (its pad token, else EOS), which the objectives get as ids from the manifest.
     """
     from objectives.special_tokens import EOS_TOKEN, PAD_TOKEN
 

@@ -19,8 +19,8 @@ class MaskedLM(TokenObjective):
 
     The first ``seq_len`` tokens of each packed row (several EOS-separated documents, treated as one
     sequence) are the input. ``round(mask_prob * n)`` of its ``n`` non-special positions are chosen
-    uniformly at random per row (BERT's exact count; special tokens such as ``<|eos|>`` are never
-    chosen, like BERT's [SEP]); each chosen position becomes ``<|mask|>`` with probability
+    uniformly at random per row (BERT's exact count; special tokens, EOS, PAD and BOS included, are
+    never chosen, like BERT's [SEP]); each chosen position becomes ``<|mask|>`` with probability
     ``mask_token_frac``, a random non-special token with ``random_token_frac``, and stays as it is
     otherwise (80/10/10). The model attends bidirectionally (``is_causal=False``, across the documents
     of a row) and the loss is the cross-entropy of the original tokens at the chosen positions only.
@@ -52,8 +52,7 @@ class MaskedLM(TokenObjective):
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(special ids, non-special ids) on ``device``: never chosen / what random replacements draw from."""
         if device not in self._cache:
-            self._ids(self.required_special_tokens())  # setup() has run
-            special = torch.tensor(sorted(set(self.special_ids.values())), dtype=torch.long)
+            special = torch.tensor(sorted(self.special_id_set()), dtype=torch.long)  # needs setup()
             keep = torch.ones(self.vocab_size, dtype=torch.bool)
             keep[special[special < self.vocab_size]] = False
             self._cache[device] = (special.to(device), keep.nonzero()[:, 0].to(device))

@@ -63,11 +63,11 @@ class SpanCorruption(TokenObjective):
         self._warned = False
 
     def required_special_tokens(self) -> list[str]:
-        return [st.PAD_TOKEN, *st.sentinel_tokens(self.params.num_sentinels)]
+        return st.sentinel_tokens(self.params.num_sentinels)
 
     def table(self) -> C.TokenTable:
-        pad, *sentinels = self._ids(self.required_special_tokens())
-        return C.TokenTable(pad=pad, sentinels=tuple(sentinels))
+        sentinels = self._ids(self.required_special_tokens())
+        return C.TokenTable(pad=self._pad_id(), sentinels=tuple(sentinels))
 
     def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
         tokens = batch["tokens"]  # (B, L)

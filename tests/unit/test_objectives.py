@@ -20,11 +20,12 @@ SPECIAL = {name: i for i, name in enumerate(SPECIAL_NAMES)}
 N_SPECIAL = len(SPECIAL)
 VOCAB = 300
 SENTINEL_IDS = {SPECIAL[st.sentinel_token(i)]: i for i in range(NUM_SENTINELS)}
+ROLE_IDS = {"eos_id": SPECIAL[st.EOS_TOKEN], "pad_id": SPECIAL[st.PAD_TOKEN]}
 
 
 def make(name: str, **params):
     obj = objectives.get(name, **params)
-    obj.setup(special_tokens=SPECIAL, vocab_size=VOCAB)
+    obj.setup(special_tokens=SPECIAL, vocab_size=VOCAB, **ROLE_IDS)
     return obj
 
 
@@ -108,7 +109,12 @@ def test_registry_lists_the_objectives_and_their_special_tokens():
 def test_missing_special_tokens_fail_naming_them_and_the_fix():
     obj = objectives.get("span_corruption", num_sentinels=2)
     with pytest.raises(ValueError) as e:
-        obj.setup(special_tokens={st.EOS_TOKEN: 0, st.PAD_TOKEN: 1, "<|sentinel_0|>": 2}, vocab_size=100)
+        obj.setup(
+            special_tokens={st.EOS_TOKEN: 0, st.PAD_TOKEN: 1, "<|sentinel_0|>": 2},
+            vocab_size=100,
+            eos_id=0,
+            pad_id=1,
+        )
     msg = str(e.value)
     assert "<|sentinel_1|>" in msg and "<|sentinel_0|>" not in msg.split("lacks")[0]
     assert "data.prepare.special_tokens" in msg
@@ -387,7 +393,9 @@ def test_ul2_mode_switching_uses_only_that_paradigm():
     assert bool((batch["input_ids"][:, 0] == SPECIAL["<|X|>"]).all())
     assert objectives.get("ul2").mode_token("S") == "<|S|>"
     only_s = objectives.get("ul2", mode="S")  # a tokenizer with just <|S|> is enough for S mode
-    only_s.setup(special_tokens={st.EOS_TOKEN: 0, st.PAD_TOKEN: 1, "<|S|>": 2}, vocab_size=VOCAB)
+    only_s.setup(
+        special_tokens={st.EOS_TOKEN: 0, st.PAD_TOKEN: 1, "<|S|>": 2}, vocab_size=VOCAB, eos_id=0, pad_id=1
+    )
     assert bool((only_s.prepare({"tokens": rows(4, 65)})["input_ids"][:, 0] == 2).all())
     plain = make("ul2", mode="S", mode_tokens=False)
     b2 = plain.prepare({"tokens": rows(8, 65)}, torch.Generator().manual_seed(0))
@@ -487,4 +495,77 @@ def test_self_distillation_errors_name_the_teacher(tmp_path, teacher_dir):
     path, _ = teacher_dir
     obj = objectives.get("self_distillation", teacher=str(path))
     with pytest.raises(ValueError, match="vocab_size"):
-        obj.setup(special_tokens=SPECIAL, vocab_size=VOCAB + 1)
+        obj.setup(special_tokens=SPECIAL, vocab_size=VOCAB + 1, **ROLE_IDS)
+
+
+# ---- a released model's tokenizer: EOS / PAD by id, not by name ---------------------------------
+
+# Llama-style: <unk> 0, <s> 1, </s> 2 and no pad token (pads with EOS); the objective tokens were added
+# after the vocabulary by `rpt data prepare` (data.prepare.special_tokens).
+STOCK_VOCAB = 300
+STOCK_SPECIAL = {
+    "<unk>": 0, "<s>": 1, "</s>": 2, st.MASK_TOKEN: 290,
+    **{st.sentinel_token(i): 291 + i for i in range(4)},
+    **{t: 295 + i for i, t in enumerate(st.MODE_TOKENS.values())},
+}  # fmt: skip
+STOCK_EOS = 2
+
+
+def make_stock(name: str, **params):
+    obj = objectives.get(name, **params)
+    obj.setup(special_tokens=STOCK_SPECIAL, vocab_size=STOCK_VOCAB, eos_id=STOCK_EOS, pad_id=STOCK_EOS)
+    return obj
+
+
+def test_setup_takes_eos_and_pad_ids_whatever_the_tokens_are_called():
+    cases = [("mlm", {}), ("span_corruption", {"num_sentinels": 4}), ("ul2", {"num_sentinels": 4})]
+    for name, params in cases:
+        obj = make_stock(name, **params)  # no <|eos|> / <|pad|> in the map: no error
+        assert (obj.eos_id, obj.pad_id) == (STOCK_EOS, STOCK_EOS)
+    with pytest.raises(ValueError, match=r"eos_id=300 is outside the vocabulary \[0, 300\).*tokenizer\."):
+        objectives.get("causal_lm").setup(special_tokens={}, vocab_size=300, eos_id=300, pad_id=0)
+
+
+def test_mlm_never_picks_eos_bos_or_pad_ids_of_a_stock_tokenizer():
+    obj = make_stock("mlm")
+    t = torch.randint(3, 290, (64, 65), generator=torch.Generator().manual_seed(0))
+    t[:, ::16] = 1  # <s> at each document start
+    t[:, 15::16] = STOCK_EOS  # </s> at each end
+    batch = obj.prepare({"tokens": t}, torch.Generator().manual_seed(0))
+    picked = batch["targets"] != -100
+    inp = t[:, :-1]
+    assert picked.any() and not (picked & (inp <= 2)).any()
+    replaced = (batch["input_ids"] != inp) & (batch["input_ids"] != STOCK_SPECIAL[st.MASK_TOKEN])
+    specials = torch.tensor(sorted(STOCK_SPECIAL.values()))
+    assert replaced.any() and not torch.isin(batch["input_ids"][replaced], specials).any()
+    # an EOS id absent from the name map is still never chosen
+    only_mask = objectives.get("mlm")
+    only_mask.setup(
+        special_tokens={st.MASK_TOKEN: 290}, vocab_size=STOCK_VOCAB, eos_id=STOCK_EOS, pad_id=STOCK_EOS
+    )
+    picked = only_mask.prepare({"tokens": t}, torch.Generator().manual_seed(1))["targets"] != -100
+    assert not (picked & (inp == STOCK_EOS)).any()
+
+
+def test_denoisers_pad_with_the_pad_id_they_are_given():
+    assert make_stock("ul2", num_sentinels=4).table().pad == STOCK_EOS
+    assert make_stock("span_corruption", num_sentinels=4).table().pad == STOCK_EOS
+    obj = make_stock("ul2", num_sentinels=4, mode_tokens=False)  # rows of 44: some are padded
+    batch = obj.prepare({"tokens": torch.randint(3, 290, (256, 44))}, torch.Generator().manual_seed(0))
+    ids, length = batch["input_ids"], batch["length"]
+    pos = torch.arange(ids.shape[1])[None]
+    padding = pos >= length[:, None]
+    assert padding.any() and bool((ids[padding] == STOCK_EOS).all())
+    assert not (batch["targets"][pos >= length[:, None] - 1] != -100).any()  # no loss on padding
+
+
+def test_missing_objective_tokens_of_a_stock_tokenizer_name_the_fix():
+    obj = objectives.get("span_corruption", num_sentinels=2)
+    with pytest.raises(ValueError) as e:
+        obj.setup(special_tokens={"<s>": 1, "</s>": 2}, vocab_size=100, eos_id=2, pad_id=2)
+    msg = str(e.value)
+    assert "['<|sentinel_0|>', '<|sentinel_1|>']" in msg.split("lacks")[0]
+    assert "data.prepare.special_tokens: ['<|sentinel_0|>', '<|sentinel_1|>']" in msg
+    assert "</s>" in msg  # what the tokenizer has
+    with pytest.raises(ValueError, match=r"data.prepare.special_tokens: \['<\|mask\|>'\]"):
+        objectives.get("mlm").setup(special_tokens={"</s>": 2}, vocab_size=100, eos_id=2, pad_id=2)

@@ -24,6 +24,19 @@ def test_concat_appends_eos_after_every_document():
     assert pack.concat_with_eos([], eos_id=0).tolist() == []
 
 
+def test_concat_with_bos_prepends_it_to_every_document():
+    stream = pack.concat_with_eos(_docs([1, 2, 3], [4], [], [5, 6]), eos_id=0, bos_id=7)
+    assert stream.dtype == np.int32
+    assert stream.tolist() == [7, 1, 2, 3, 0, 7, 4, 0, 7, 0, 7, 5, 6, 0]
+    assert pack.concat_with_eos(_docs([]), eos_id=0, bos_id=7).tolist() == [7, 0]
+    assert pack.concat_with_eos([], eos_id=0, bos_id=7).tolist() == []
+    packed = pack.pack_documents(_docs([1, 2], [3]), row_len=4, eos_id=9, bos_id=8)
+    assert packed.rows.tolist() == [[8, 1, 2, 9]] and packed.tail.tolist() == [8, 3, 9]
+    # bos_id=None is the plain EOS packing
+    plain = pack.pack_documents(_docs([1, 2], [3]), row_len=4, eos_id=9, bos_id=None)
+    assert plain.rows.tolist() == [[1, 2, 9, 3]] and plain.tail.tolist() == [9]
+
+
 def test_pack_documents_exact_rows_and_tail():
     packed = pack.pack_documents(_docs([1, 2, 3], [4], [5, 6]), row_len=4, eos_id=9)
     # stream: 1 2 3 9 | 4 9 5 6 | 9
