@@ -107,7 +107,6 @@ class OptimizerSpec(_Strict):
 class TrainerSpec(_Strict):
     """The worker-side loop, the DeepSpeed engine and the Ray Train scaling."""
 
-    engine: Literal["deepspeed"] = "deepspeed"
     num_workers: int = Field(2, ge=1, le=4096)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Protocol
 
 import torch
 
-# Dense bf16 peak per device in TFLOP/s (vendor datasheets; H200 measured on the lent machine, REFERENCES §5).
+# Dense bf16 peak per device in TFLOP/s (vendor datasheets).
 GPU_PEAK_TFLOPS = {"H200": 790.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
-
-
-class MetricsSink(Protocol):
-    def log(self, metrics: dict[str, float], step: int) -> None: ...
 
 
 class NullSink:

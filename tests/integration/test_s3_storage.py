@@ -99,7 +99,7 @@ def test_checkpoints_in_s3_resume_and_register(ray_session, debug_data, tmp_path
     found = storage.latest_checkpoint("s3-debug")
     assert found is not None
     state, ckpt = found
-    assert state.step == 10 and state.data_position["rows_consumed"] == 10 * 8
+    assert state.step == 10 and state.data_position.rows_consumed == 10 * 8
     names = {i.base_name for i in storage.filesystem.get_file_info(pafs.FileSelector(ckpt, recursive=True))}
     assert {"train_state.json", "model.safetensors", "model_config.json", "tokenizer.json",
             "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names
@@ -110,7 +110,7 @@ def test_checkpoints_in_s3_resume_and_register(ray_session, debug_data, tmp_path
     assert second.run_name == "s3-debug" and second.mlflow_run_id == first.mlflow_run_id
     assert second.metrics["step"] == 15
     state2, _ = storage.latest_checkpoint("s3-debug")
-    assert state2.step == 15 and state2.data_position["rows_consumed"] == 15 * 8, "resumed, not restarted"
+    assert state2.step == 15 and state2.data_position.rows_consumed == 15 * 8, "resumed, not restarted"
     steps = [s.step for s, _ in storage.checkpoints("s3-debug")]
     assert steps == [10, 15], f"keep_checkpoints=2 applies in the bucket too: {steps}"
 
@@ -123,3 +123,31 @@ def test_checkpoints_in_s3_resume_and_register(ray_session, debug_data, tmp_path
 
     model, tok = load_model("debug-lm@current", tracking_uri=tracking_uri)
     assert sum(p.numel() for p in model.parameters()) > 0 and tok.get_vocab_size() == 1024
+
+
+def test_image_run_in_s3_registers_its_encoder(ray_session, tmp_path, tracking_uri, s3_endpoint):
+    """An image run's checkpoints in the bucket; the registry downloads the workload's export files (the
+    encoder's, not the decoder's) and the registered encoder loads back."""
+    import torch
+
+    from cluster.config import load_config
+    from cluster.registry import load_model
+    from cluster.train import run_train
+    from data.image_prepare import ImagePrepareConfig, prepare_images
+
+    data = tmp_path / "fractals"
+    prepare_images(ImagePrepareConfig(source="fractals", n_classes=4, image_size=32, train_rows=256, val_rows=64,
+                                      shard_rows=128, seed=0, out_dir=str(data)), progress=False)
+    storage_path = f"s3://{BUCKET}/runs?endpoint_override={s3_endpoint}&region=us-east-1"
+    cfg = load_config(REPO / "configs/tiny-mae.yaml", [
+        f"data.path={data}", f"storage_path={storage_path}", f"tracking.artifact_root={tmp_path / 'art'}",
+        "name=s3-mae", "tracking.registered_model=s3-mae", "vit.preset=debug", "data.eval_rows=32",
+        "data.probe_rows=64", "trainer.max_steps=4", "trainer.micro_batch_size=16", "trainer.log_every=2",
+        "trainer.eval_every=4", "trainer.checkpoint_every=4", "schedule.warmup_steps=1",
+    ])
+    out = run_train(cfg, tracking_uri=tracking_uri)
+    assert out.checkpoint.startswith(f"s3://{BUCKET}/runs/s3-mae/checkpoint_"), out.checkpoint
+    embedder, processor = load_model("s3-mae@current", tracking_uri=tracking_uri)
+    assert processor.objective == "mae" and processor.image_size == 32 and len(processor.class_names) == 4
+    emb = embedder(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
+    assert emb.shape[0] == 3 and torch.isfinite(emb).all()

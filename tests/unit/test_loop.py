@@ -31,17 +31,25 @@ VOCAB, SEQ, ROWS = 96, 16, 256
 
 @pytest.fixture(scope="module")
 def process_group():
-    """A one-process gloo group (what Ray Train creates for each worker)."""
+    """A one-process gloo group and the launcher variables DeepSpeed reads (what Ray Train sets up for
+    each worker); both undone afterwards."""
     import torch.distributed as dist
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
-    # left initialised: DeepSpeed keeps a reference to the group for the rest of the session
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +161,7 @@ def test_loop_trains_planned_rows_with_the_schedule_and_resumes_exactly(process_
 
 def test_loop_refuses_rows_that_are_not_the_plan(process_group, rows, tmp_path):
     tokens, val = rows
-    trainer, ctx, _ = make(tokens, val, tmp_path, max_steps=2)
+    trainer, ctx, _ = make(tokens, val, tmp_path, max_steps=4)
     ctx.ids = ctx.ids[::-1].copy()  # the stream delivers other rows than planned
     with pytest.raises(RuntimeError, match="diverged from the plan"):
         trainer.fit()
