@@ -117,21 +117,63 @@ def train(
     console.print(f"MLflow UI:     {ui_hint(out.tracking_uri)}")
 
 
+FORMAT = typer.Option("native", "--format", help="native (this project's export) or hf (Hugging Face LlamaForCausalLM)")
+
+
 @models_app.command("pull")
 def models_pull(
     uri: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION or models:/..."),
-    dest: str = typer.Argument(...),
+    dest: str = typer.Argument(..., help="a new (or empty) folder"),
+    fmt: str = FORMAT,
+    dtype: str = typer.Option("float32", help="hf: weight dtype (float32, bfloat16, float16)"),
     tracking_uri: str | None = typer.Option(None),
 ) -> None:
-    """Download a registered model's weights, config and tokenizer into DEST."""
-    from cluster.registry import pull
+    """Download a registered model into DEST: its export files, or a Hugging Face folder (--format hf)."""
+    from cluster.model_io import pull_model
     from cluster.tracking import resolve_tracking_uri
 
     try:
-        out = pull(uri, dest, tracking_uri=resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri))
+        out = pull_model(uri, dest, fmt=fmt, dtype=dtype,
+                         tracking_uri=resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri))
     except Exception as e:  # MLflow raises its own exception types for unknown names/aliases
         _fail(e)
-    console.print(f"pulled {uri} -> {out}")
+    console.print(f"pulled {uri} -> {out} ({fmt})")
+
+
+@models_app.command("export")
+def models_export(
+    source: str = typer.Argument(..., help="a checkpoint folder, a run folder (its latest checkpoint) or an export"),
+    dest: str = typer.Argument(..., help="a new (or empty) folder"),
+    fmt: str = typer.Option("hf", "--format", help="hf (Hugging Face LlamaForCausalLM) or native"),
+    dtype: str = typer.Option("float32", help="hf: weight dtype (float32, bfloat16, float16)"),
+) -> None:
+    """Export a trained decoder from a checkpoint or run folder (no registry needed)."""
+    from cluster.model_io import export_model
+
+    try:
+        out = export_model(source, dest, fmt=fmt, dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    console.print(f"exported {source} -> {out} ({fmt})")
+
+
+@models_app.command("import")
+def models_import(
+    src: str = typer.Argument(..., help="a local Hugging Face folder of a Llama-architecture causal LM"),
+    name: str = typer.Option(..., help="registered model name"),
+    alias: str = typer.Option("base", help="alias set on the new version"),
+    tracking_uri: str | None = typer.Option(None),
+) -> None:
+    """Register a released Llama-family model (config.json + safetensors + tokenizer) as models:/NAME@ALIAS."""
+    from cluster.model_io import import_model
+    from cluster.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri)
+    try:
+        version = import_model(src, name=name, alias=alias, tracking_uri=uri)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    console.print(f"imported {src} -> models:/{name}/{version} (alias @{alias})")
 
 
 @app.command()

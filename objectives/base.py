@@ -46,10 +46,11 @@ class TokenObjective(ObjectiveHooks):
         """The tokenizer must hold every special token this objective needs."""
         have = data.get("special_tokens", {})
         missing = [tok for tok in self.required_special_tokens() if tok not in have]
-        if missing:
+        if missing:  # every missing token is named (the worker-side lookup shortens long lists)
             raise ValueError(
                 f"objective {self.name!r} needs special tokens {missing} that the tokenizer lacks (it has "
-                f"{sorted(have)}); prepare the data with data.prepare.special_tokens including them"
+                f"{sorted(have)}); prepare the data with data.prepare.special_tokens including them (a "
+                "released model's tokenizer gets them after its vocabulary, so its vocab_size grows)"
             )
 
     def setup(self, *, special_tokens: dict[str, int], vocab_size: int, eos_id: int, pad_id: int) -> None:

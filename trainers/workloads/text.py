@@ -121,16 +121,7 @@ class TextSpec(WorkloadSpec):
 
 def tokenizer_roles(manifest) -> dict:
     """The tokenizer's bos/eos/pad tokens as ``tokenizer_config.json`` keys (written next to every export)."""
-    tok = manifest.tokenizer
-    by_id = {v: k for k, v in tok.special_tokens.items()}
-    bos_id = getattr(tok, "bos_id", None)  # manifests before stock tokenizers: no BOS
-    return {
-        "bos_token": by_id.get(bos_id) if bos_id is not None else None,
-        "eos_token": by_id.get(tok.eos_id),
-        "pad_token": by_id.get(tok.pad_id),
-        "add_bos_token": bool(getattr(tok, "add_bos", False)),
-        "add_eos_token": False,
-    }
+    return manifest.tokenizer.roles().to_tokenizer_config()
 
 
 def _same_tokenizer(model_dir: Path, facts: DataFacts) -> bool:
