@@ -44,7 +44,9 @@ class ContinualConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
     storage_path: str = "results"
-    start: str | None = Field(None, description="None (scratch), an exported model/checkpoint folder, or models:/NAME@ALIAS")
+    start: str | None = Field(
+        None, description="None (scratch), an export/checkpoint folder, a Hugging Face folder, or models:/NAME@ALIAS"
+    )
     tasks: list[TaskSpec] = Field(min_length=1)
     schedule: dict[str, Any] = Field(description="name + params; task_steps/total_steps are filled from the tasks")
     anneal_steps: int = Field(0, ge=0, description="anneal branch length after each task (0: none); needs a "
@@ -162,17 +164,15 @@ def prepare_tasks(cfg: ContinualConfig) -> None:
 
 
 def _resolve_start(cfg: ContinualConfig, tracking_uri: str) -> str | None:
-    """A local folder with model.safetensors + model_config.json for ``cfg.start`` (weights only)."""
+    """A local export folder for ``cfg.start`` (weights only): a registered model is pulled, a Hugging Face
+    folder imported, a checkpoint or export folder used as is (:func:`cluster.model_io.resolve_start`)."""
     if cfg.start is None:
         return None
-    p = Path(cfg.start)
-    if p.is_dir():
-        return str(p.resolve())
-    from cluster.registry import pull
+    from cluster.model_io import resolve_start
+    from cluster.storage import resolve_storage
+    from cluster.train import start_models_cache
 
-    dest = Path(cfg.storage_path, cfg.name, "start-model").resolve()
-    pull(cfg.start, dest, tracking_uri=tracking_uri)
-    return str(dest)
+    return resolve_start(cfg.start, start_models_cache(resolve_storage(cfg.storage_path)), tracking_uri=tracking_uri)
 
 
 def run_continual(

@@ -99,6 +99,30 @@ def _log_lr_plot(client, run_id: str, cfg: RunConfig) -> None:
         client.log_artifact(run_id, str(path))
 
 
+def start_models_cache(storage: Storage) -> Path:
+    """Where pulled and imported start models are kept: under a local ``storage_path`` (shared with the
+    workers), else in this machine's temp folder."""
+    import tempfile
+
+    return Path(storage.root, ".start-models") if not storage.remote else Path(tempfile.gettempdir(), "rpt-start-models")
+
+
+def resolve_init(cfg: RunConfig, storage: Storage, uri: str) -> RunConfig:
+    """``trainer.init_from`` as a local export folder: a registered model (``models:/NAME@ALIAS``) is pulled,
+    a Hugging Face folder imported (:func:`cluster.model_io.resolve_start`)."""
+    from cluster.model_io import resolve_start
+
+    src = cfg.trainer.init_from
+    if not src:
+        return cfg
+    local = resolve_start(src, start_models_cache(storage), tracking_uri=uri)
+    if local == src:
+        return cfg
+    raw = cfg.model_dump(mode="json")
+    raw["trainer"]["init_from"] = local
+    return RunConfig.model_validate(raw)
+
+
 def fit_start(cfg: RunConfig, storage: Storage, resume: bool) -> FitStart:
     """``--resume``: the run's latest checkpoint; ``trainer.resume_from``: another run's state in a new run
     (its data position only with ``resume_data_position``); else a new run from step 0."""
@@ -205,13 +229,14 @@ def run_train(
 
     from cluster.ray_env import init_ray
 
-    facts = check_data(cfg)
-    cfg = fill_from_data(cfg, facts)
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, tracking_uri)
     try:
         storage = resolve_storage(cfg.storage_path)
     except StorageError as e:
         raise ConfigError(str(e)) from None
+    cfg = resolve_init(cfg, storage, uri)
+    facts = check_data(cfg)
+    cfg = fill_from_data(cfg, facts)
     start = fit_start(cfg, storage, resume)
     run_id = open_tracking(cfg, uri, start, facts, parent_run_id=parent_run_id, tags=tags)
     storage.write_text(storage.path(start.name, RUN_FILE), json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))

@@ -92,6 +92,21 @@ class TextSpec(WorkloadSpec):
             f"(data.prepare.tokenizer={str(Path(src, TOKENIZER))!r})"
         )
 
+    def fill_config(self, cfg: RunConfig, facts: DataFacts) -> RunConfig:
+        """Starting from a model (``trainer.init_from`` or ``resume_from``), its sizes are the run's: the
+        architecture comes from its ``model_config.json``; an explicit ``model.preset`` or size that
+        contradicts it is an error naming both. Training knobs (dropout, init_std) stay the config's."""
+        src = cfg.trainer.init_from or cfg.trainer.resume_from
+        if not src or not Path(src, MODEL_CONFIG).is_file():
+            return cfg
+        start = json.loads(Path(src, MODEL_CONFIG).read_text())
+        if start["max_seq_len"] < facts.fields["seq_len"]:
+            raise DataError(
+                f"the start model {src!r} covers {start['max_seq_len']} positions, the data's rows are "
+                f"{facts.fields['seq_len']} tokens: prepare the data with a seq_len of at most {start['max_seq_len']}"
+            )
+        return model_from_start(cfg, start, src)
+
     def rows_unit(self, facts: DataFacts) -> int:
         return int(facts.fields["seq_len"])
 
@@ -117,6 +132,36 @@ class TextSpec(WorkloadSpec):
 
         model, _ = load_pretrained(directory)
         return model.eval(), Tokenizer.from_file(str(Path(directory, TOKENIZER)))
+
+
+_KNOBS = ("dropout", "init_std")  # training settings, not architecture
+
+
+def model_from_start(cfg: RunConfig, start: dict, src: str) -> RunConfig:
+    """``cfg`` with ``model:`` holding the start model's architecture (``preset: null``, every size explicit)."""
+    from models import presets
+    from trainers.config import RunConfig as _RunConfig
+
+    m = cfg.model
+    arch = {k: v for k, v in start.items() if k not in _KNOBS}
+    explicit = {k for k in m.model_fields_set if k in arch and getattr(m, k) is not None}
+    clash = {k: (getattr(m, k), arch[k]) for k in explicit if _plain(getattr(m, k)) != arch[k]}
+    if "preset" in m.model_fields_set and m.preset is not None:
+        sizes = {k: v for k, v in presets.get(m.preset).items() if k not in ("vocab_size", "max_seq_len")}
+        clash.update({f"preset {m.preset!r}: {k}": (v, arch[k]) for k, v in sizes.items() if arch.get(k) != v})
+    if clash:
+        shown = ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in sorted(clash.items()))
+        raise DataError(
+            f"model: contradicts the start model {src!r} (config vs model: {shown}); its sizes are the run's: "
+            "remove model.preset and the model sizes (set model.preset: null), keep only dropout / init_std"
+        )
+    raw = cfg.model_dump(mode="json")
+    raw["model"] = {"preset": None, **arch, **{k: getattr(m, k) for k in _KNOBS}}
+    return _RunConfig.model_validate(raw)
+
+
+def _plain(value):
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 
 def tokenizer_roles(manifest) -> dict:
