@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -53,6 +53,41 @@ def _check_shapes(values: Mapping[str, Any]) -> None:
         raise ValueError(
             f"n_kv_heads={n_kv_heads} does not divide n_heads={n_heads}; allowed: one of {divisors}"
         )
+
+
+class RopeScaling(BaseModel):
+    """Llama 3 rotary frequency scaling (``rope_type: llama3``), as Llama 3.1 extends its context
+    (Llama 3 paper, arXiv 2407.21783; the ``rope_scaling`` entry of the Hugging Face Llama checkpoint format).
+
+    Each rotary frequency f has the wavelength w = 2 pi / f. With L = ``original_max_position_embeddings``:
+    frequencies whose wavelength is shorter than L / ``high_freq_factor`` are kept, those longer than
+    L / ``low_freq_factor`` are divided by ``factor``, and the ones in between are interpolated linearly in
+    L / w between the two (see :func:`models.decoder.rotary_inv_freq`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rope_type: Literal["llama3"] = Field("llama3", description="the only scaling supported")
+    factor: float = Field(description="divisor of the low frequencies (Llama 3.1: 8, and 1 and 4 below)")
+    low_freq_factor: float = Field(description="L / low_freq_factor: longest wavelength kept in part (1)")
+    high_freq_factor: float = Field(description="L / high_freq_factor: longest wavelength kept as is (4)")
+    original_max_position_embeddings: int = Field(description="L: the context length of pre-training (8192)")
+
+    @field_validator("factor", "low_freq_factor", "original_max_position_embeddings")
+    @classmethod
+    def _positive(cls, value: float, info: ValidationInfo) -> float:
+        if not value > 0:
+            raise ValueError(f"rope_scaling.{info.field_name}={value} is not allowed; allowed: a number > 0")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RopeScaling:
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                f"rope_scaling.high_freq_factor={self.high_freq_factor} is not allowed with "
+                f"low_freq_factor={self.low_freq_factor}; allowed: high_freq_factor > low_freq_factor"
+            )
+        return self
 
 
 class _FieldChecks(BaseModel):
@@ -106,6 +141,9 @@ class ResolvedModelConfig(_FieldChecks):
     init_std: float = Field(
         0.02, description="std of the normal init; output projections use std / sqrt(2 n_layers)"
     )
+    rope_scaling: RopeScaling | None = Field(
+        None, description="None: plain rotary frequencies; else Llama 3 frequency scaling (RopeScaling)"
+    )
 
     @property
     def head_dim(self) -> int:
@@ -153,6 +191,9 @@ class ModelConfig(_FieldChecks):
     )
     init_std: float = Field(
         0.02, description="std of the normal init; output projections use std / sqrt(2 n_layers)"
+    )
+    rope_scaling: RopeScaling | None = Field(
+        None, description="None: plain rotary frequencies; else Llama 3 frequency scaling (RopeScaling)"
     )
 
     @field_validator("preset")
