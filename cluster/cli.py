@@ -186,26 +186,34 @@ def generate(
     seed: int = typer.Option(0),
     tracking_uri: str | None = typer.Option(None),
 ) -> None:
-    """Sample a continuation of PROMPT from a registered model."""
-    import torch
+    """Sample a continuation of PROMPT from a registered model (KV cache; the tokenizer's own BOS/EOS)."""
+    import tempfile
+    import types
+    from pathlib import Path
 
-    from cluster.registry import load_model
+    from cluster.registry import pull
     from cluster.tracking import resolve_tracking_uri
-    from models import generate as sample
-    from models.vit_io import ImageProcessor
+    from models.pyfunc import DecoderLMPyfunc
+    from trainers import workloads
 
-    try:
-        model, tok = load_model(uri, tracking_uri=resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri))
-    except Exception as e:
-        _fail(e)
-    if isinstance(tok, ImageProcessor):  # load_model returns (ImageEmbedder, ImageProcessor) for an encoder
-        _fail(ValueError(f"{uri} is an image encoder (objective {tok.objective!r}): it embeds "
-                         "images and has no text to generate; load it with cluster.registry.load_model"))
-    eos = tok.token_to_id("<|eos|>")
-    ids = torch.tensor([tok.encode(prompt).ids or [eos]])
-    out = sample(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                 generator=torch.Generator().manual_seed(seed), eos_id=eos)
-    console.print(prompt + tok.decode(out[0, ids.shape[1]:].tolist()), highlight=False, markup=False)
+    with tempfile.TemporaryDirectory(prefix="rpt-generate-") as tmp:
+        folder = Path(uri)
+        try:
+            if not folder.is_dir():
+                folder = pull(uri, tmp, tracking_uri=resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri))
+        except Exception as e:  # MLflow raises its own exception types for unknown names/aliases
+            _fail(e)
+        spec = workloads.for_export(folder)
+        if spec is not None and spec.kind == "images":
+            from models.vit_io import load_processor
+
+            _fail(ValueError(f"{uri} is an image encoder (objective {load_processor(folder).objective!r}): it embeds "
+                             "images and has no text to generate; load it with cluster.registry.load_model"))
+        lm = DecoderLMPyfunc()
+        lm.load_context(types.SimpleNamespace(artifacts={"model_dir": str(folder)}))
+        params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k or 0, "seed": seed}
+        text = lm.predict(None, [prompt], params=params)[0]
+    console.print(prompt + text, highlight=False, markup=False)
 
 
 @app.command()

@@ -13,11 +13,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from trainers.config import RunConfig
+from trainers.config import ConfigError, RunConfig
 
-
-class ConfigError(ValueError):
-    """A user error in a config file or an override; the message says how to fix it."""
+__all__ = ["ConfigError", "apply_overrides", "dump_config", "load_config", "load_raw", "parse_override",
+           "validate_config"]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

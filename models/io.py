@@ -15,10 +15,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.config import ResolvedModelConfig
+from models.files import LM_CONFIG, LM_WEIGHTS
 from models.decoder import DecoderLM
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "model_config.json"
+WEIGHTS_NAME = LM_WEIGHTS
+CONFIG_NAME = LM_CONFIG
 _EMBEDDING_KEY = "tok_emb.weight"
 _HEAD_KEY = "lm_head.weight"
 

@@ -40,8 +40,8 @@ class DecoderLMPyfunc(mlflow.pyfunc.PythonModel):
     their sampled continuations; ``params`` may set ``max_new_tokens``, ``temperature`` (0 = greedy),
     ``top_k`` (0 or None = all tokens) and ``seed`` (see :data:`DECODER_PARAMS` for the defaults).
 
-    Artifacts: ``model_dir`` (``model.safetensors`` + ``model_config.json``), ``tokenizer`` (the
-    ``tokenizer.json`` file) and the token roles (``tokenizer_config.json``) taken from the artifact
+    Artifacts: ``model_dir`` (``model.safetensors`` + ``model_config.json`` + ``tokenizer.json``; versions
+    registered before the tokenizer moved into it have a separate ``tokenizer`` artifact) and the token roles (``tokenizer_config.json``) taken from the artifact
     ``tokenizer_config`` if given, else from ``model_dir``, else from beside ``tokenizer``; without one the
     defaults of older exports apply (eos ``<|eos|>``, no bos). Prompts are encoded without the tokenizer's
     own special tokens; BOS is prepended when ``add_bos_token``. Generation stops at EOS and uses the KV
@@ -59,8 +59,9 @@ class DecoderLMPyfunc(mlflow.pyfunc.PythonModel):
         artifacts = context.artifacts
         self.model, self.cfg = load_pretrained(artifacts["model_dir"])
         self.model.eval()
-        self.tokenizer = Tokenizer.from_file(artifacts["tokenizer"])
-        folders = [Path(artifacts["model_dir"]), Path(artifacts["tokenizer"]).parent]
+        tokenizer = artifacts.get("tokenizer") or str(Path(artifacts["model_dir"], "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(tokenizer)
+        folders = [Path(artifacts["model_dir"]), Path(tokenizer).parent]
         if artifacts.get("tokenizer_config"):
             folders.insert(0, Path(artifacts["tokenizer_config"]).parent)
         folder = next((f for f in folders if (f / TOKENIZER_CONFIG_NAME).is_file()), folders[0])

@@ -31,8 +31,7 @@ def special_tokens_for(name: str, **params: Any) -> list[str]:
     from objectives.special_tokens import EOS_TOKEN, PAD_TOKEN
 
     obj = get(name, **params)
-    needed = obj.required_special_tokens() if hasattr(obj, "required_special_tokens") else []
-    return [t for t in needed if t not in (EOS_TOKEN, PAD_TOKEN)]
+    return [t for t in obj.required_special_tokens() if t not in (EOS_TOKEN, PAD_TOKEN)]
 
 
 __all__ = ["Objective", "available", "get", "params_model", "register", "special_tokens_for"]

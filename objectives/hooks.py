@@ -5,6 +5,7 @@ probing attributes:
 
 | hook | called | default | overridden by |
 |---|---|---|---|
+| :meth:`required_special_tokens` | driver and worker | none | ``mlm``, ``span_corruption``, ``ul2`` |
 | :meth:`check_data` | driver, before Ray starts | nothing to check | token objectives (special tokens), ``self_distillation`` (teacher) |
 | :meth:`fill_params` | driver, after the data checks | params unchanged | ``clip`` (classes from the data) |
 | :meth:`set_step` | worker, before every step | no-op | ``hpm`` (the easy-to-hard ramp) |
@@ -19,6 +20,10 @@ from typing import Any
 
 class ObjectiveHooks:
     name: str
+
+    def required_special_tokens(self) -> list[str]:
+        """Special tokens the tokenizer must have (``data.prepare.special_tokens``); none by default."""
+        return []
 
     def check_data(self, data: dict[str, Any]) -> None:
         """Raise ``ValueError`` (naming the field and the fix) when the prepared data cannot serve this

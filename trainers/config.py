@@ -14,6 +14,12 @@ from models import ModelConfig
 from models.vit import ViTConfig
 
 
+class ConfigError(ValueError):
+    """A user error in a config file, an override or the data it names; the message says how to fix it.
+
+    Raised on the driver before Ray starts (``cluster.config.load_config``, ``cluster.data_check``)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -25,14 +25,15 @@ def test_cli_ops_does_not_import_cli_and_rpt_has_every_command():
     ))  # fmt: skip
 
 
-def test_generate_refuses_an_image_encoder(monkeypatch):
-    import cluster.registry
+def test_generate_refuses_an_image_encoder(tmp_path):
     from cluster.cli import app
+    from models.files import PROCESSOR, VIT_CONFIG
     from models.vit_io import ImageProcessor
 
-    processor = ImageProcessor(image_size=8, channels=1, objective="mae")
-    monkeypatch.setattr(cluster.registry, "load_model", lambda uri, tracking_uri=None: (object(), processor))
-    result = CliRunner().invoke(app, ["generate", "enc@current", "--prompt", "x"])
+    # the files that make a folder an image encoder's export (generate stops before loading weights)
+    (tmp_path / PROCESSOR).write_text(ImageProcessor(image_size=8, channels=1, objective="mae").model_dump_json())
+    (tmp_path / VIT_CONFIG).write_text("{}")
+    result = CliRunner().invoke(app, ["generate", str(tmp_path), "--prompt", "x"])
     assert result.exit_code == 2
     assert "image encoder (objective 'mae')" in " ".join((result.stderr or result.output).split())
 

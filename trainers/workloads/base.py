@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from trainers.config import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
     from trainers.config import RunConfig
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """Prepared data that cannot feed the configured run; the message names the field and the fix."""
 
 

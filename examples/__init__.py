@@ -1,0 +1,1 @@
+"""Small runnable examples (not part of the installed package)."""
