@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.config import ResolvedModelConfig
-from models.files import LM_CONFIG, LM_WEIGHTS
 from models.decoder import DecoderLM
+from models.files import LM_CONFIG, LM_WEIGHTS
 
 WEIGHTS_NAME = LM_WEIGHTS
 CONFIG_NAME = LM_CONFIG
