@@ -60,9 +60,9 @@ def _mismatch(cfg: RunConfig, spec, wanted) -> str:
 
 
 def _objectives_of(spec) -> list[str]:
-    import objectives
+    from objectives import registry
 
-    return [n for n in objectives.available() if spec.owns(objectives.get(n))]
+    return [n for n in registry.available() if spec.owns(registry.objective_class(n))]
 
 
 def fill_from_data(cfg: RunConfig, facts: DataFacts) -> RunConfig:

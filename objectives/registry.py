@@ -44,6 +44,13 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def objective_class(name: str) -> type:
+    """The class registered as ``name`` (to ask what kind of objective it is without building one)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown objective {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
 def params_model(name: str) -> type[BaseModel]:
     """The pydantic model of an objective's parameters (used to validate configs on the driver)."""
     if name not in _REGISTRY:

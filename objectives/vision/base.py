@@ -86,7 +86,7 @@ def registered_vision_objectives() -> tuple[str, ...]:
     ``objectives.available()``)."""
     from objectives import registry
 
-    return tuple(n for n in registry.available() if issubclass(registry._REGISTRY[n], VisionObjective))
+    return tuple(n for n in registry.available() if issubclass(registry.objective_class(n), VisionObjective))
 
 
 def passthrough_labels(batch: dict[str, torch.Tensor], out: dict[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def for_manifest(manifest) -> WorkloadSpec:
 def for_objective(objective) -> WorkloadSpec:
     """The spec whose data ``objective`` (an instance) trains on."""
     for spec in _SPECS.values():
-        if spec.owns(objective):
+        if spec.owns(type(objective)):
             return spec
     raise ValueError(f"objective {objective.name!r} belongs to no registered workload ({', '.join(available())})")
 

@@ -77,8 +77,8 @@ class WorkloadSpec:
     objective_hint: str = ""  # how to choose an objective of this kind, for error messages
 
     # ---- objectives ------------------------------------------------------------------------------
-    def owns(self, objective) -> bool:
-        """Whether ``objective`` (an instance from the objective registry) trains on this data kind."""
+    def owns(self, objective_cls: type) -> bool:
+        """Whether objectives of class ``objective_cls`` (from the objective registry) train on this data kind."""
         raise NotImplementedError
 
     # ---- driver side ----------------------------------------------------------------------------

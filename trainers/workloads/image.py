@@ -23,10 +23,10 @@ class ImageSpec(WorkloadSpec):
     export_files = (ENCODER_WEIGHTS, VIT_CONFIG, PROCESSOR)
     objective_hint = "an image objective"
 
-    def owns(self, objective) -> bool:
+    def owns(self, objective_cls: type) -> bool:
         from objectives.vision import VisionObjective
 
-        return isinstance(objective, VisionObjective)
+        return issubclass(objective_cls, VisionObjective)
 
     def check(self, cfg: RunConfig, root: Path, manifest) -> DataFacts:
         fields = {"image_size": manifest.image_size, "channels": manifest.channels, "n_classes": manifest.n_classes,

@@ -27,10 +27,10 @@ class TextSpec(WorkloadSpec):
     optional_files = (TOKENIZER_CONFIG,)
     objective_hint = "a token objective (causal_lm, mlm, span_corruption, ul2, self_distillation)"
 
-    def owns(self, objective) -> bool:
+    def owns(self, objective_cls: type) -> bool:
         from objectives.base import TokenObjective
 
-        return isinstance(objective, TokenObjective)
+        return issubclass(objective_cls, TokenObjective)
 
     def check(self, cfg: RunConfig, root: Path, manifest) -> DataFacts:
         tok = manifest.tokenizer
