@@ -118,9 +118,8 @@ def resolve_init(cfg: RunConfig, storage: Storage, uri: str) -> RunConfig:
     local = resolve_start(src, start_models_cache(storage), tracking_uri=uri)
     if local == src:
         return cfg
-    raw = cfg.model_dump(mode="json")
-    raw["trainer"]["init_from"] = local
-    return RunConfig.model_validate(raw)
+    # a copy, not a dump + validate: which model fields the user set must survive (fill_config compares them)
+    return cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"init_from": local})})
 
 
 def fit_start(cfg: RunConfig, storage: Storage, resume: bool) -> FitStart:
