@@ -73,14 +73,9 @@ def data_prepare(
                 "or data.prepare.kind: images"
             )
         from cluster.ray_env import init_ray
-        from data.image_prepare import ImagePrepareConfig, prepare_images
-        from data.prepare import prepare
 
         init_ray(None, dashboard=False)
-        if isinstance(pcfg, ImagePrepareConfig):
-            prepare_images(pcfg, progress=True)
-        else:
-            prepare(pcfg, progress=True)
+        cfg.data.workload().prepare(pcfg, progress=True)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
 

@@ -144,23 +144,18 @@ def load_continual(path: str | Path, overrides: list[str] | None = None) -> Cont
 
 def prepare_tasks(cfg: ContinualConfig) -> None:
     """Prepare every task's data that is missing; later text tasks reuse task 0's tokenizer (one vocabulary)."""
-    from data.image_prepare import prepare_images
-    from data.prepare import PrepareConfig, prepare
-
     first = cfg.tasks[0].data
     for i, task in enumerate(cfg.tasks):
         if Path(task.data.path, "manifest.json").is_file():
             continue
         if task.data.prepare is None:
             raise ConfigError(f"tasks[{i}].data.path={task.data.path!r} is not prepared and tasks[{i}].data.prepare is unset")
-        if task.data.prepare.get("kind") == "images":  # image tasks: no shared vocabulary to carry over
-            prepare_images(task.data.prepare_config(), progress=False)
-            continue
+        spec = task.data.workload()
         params = dict(task.data.prepare)
-        if i > 0:
+        if i > 0 and spec.shares_tokenizer:  # one vocabulary across the tasks (image tasks have none)
             params["tokenizer"] = str(Path(first.path, "tokenizer.json"))
             params.setdefault("seq_len", (first.prepare or {}).get("seq_len", 128))
-        prepare(PrepareConfig(**params, out_dir=task.data.path), progress=False)
+        spec.prepare(spec.prepare_config(params, task.data.path), progress=False)
 
 
 def _resolve_start(cfg: ContinualConfig, tracking_uri: str) -> str | None:

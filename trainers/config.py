@@ -60,26 +60,21 @@ class DataSpec(_Strict):
         self.prepare_config()  # fail on the driver, naming the field
         return self
 
+    def workload(self):
+        """The workload spec whose data ``prepare.kind`` builds (:mod:`trainers.workloads`; no kind: text)."""
+        from trainers import workloads
+
+        return workloads.for_prepare_kind((self.prepare or {}).get("kind"))
+
     def prepare_config(self, **overrides: Any):
-        """The config that builds ``path`` (None when ``prepare`` is unset): ``kind: images`` gives a
-        :class:`data.image_prepare.ImagePrepareConfig`, no ``kind`` a :class:`data.prepare.PrepareConfig`."""
+        """The config that builds ``path`` (None when ``prepare`` is unset), typed by the workload spec:
+        ``kind: images`` gives a :class:`data.image_prepare.ImagePrepareConfig`, no ``kind`` a
+        :class:`data.prepare.PrepareConfig`."""
         if self.prepare is None:
             return None
         if "out_dir" in self.prepare:
             raise ValueError("data.prepare.out_dir is not allowed: the output folder is data.path")
-        kind = self.prepare.get("kind")
-        if kind == "images":
-            from data.image_prepare import ImagePrepareConfig
-
-            return ImagePrepareConfig(**{**self.prepare, **overrides, "out_dir": self.path})
-        if kind is not None:
-            raise ValueError(
-                f"data.prepare.kind={kind!r} is not allowed; allowed: 'images' (image shards), "
-                "or leave it out for text (tokenized, packed shards)"
-            )
-        from data.prepare import PrepareConfig
-
-        return PrepareConfig(**{**self.prepare, **overrides, "out_dir": self.path})
+        return self.workload().prepare_config({**self.prepare, **overrides}, self.path)
 
 
 class NamedParams(BaseModel):

@@ -45,6 +45,16 @@ def for_manifest(manifest) -> WorkloadSpec:
                     f"{', '.join(s.manifest_format for s in _SPECS.values())}")
 
 
+def for_prepare_kind(kind: str | None) -> WorkloadSpec:
+    """The spec whose data ``data.prepare.kind`` builds (no kind: text)."""
+    for spec in _SPECS.values():
+        if spec.prepare_kind == kind:
+            return spec
+    allowed = ", ".join(repr(s.prepare_kind) for s in _SPECS.values() if s.prepare_kind)
+    raise ValueError(f"data.prepare.kind={kind!r} is not allowed; allowed: {allowed}, or leave it out for text "
+                     "(tokenized, packed shards)")
+
+
 def for_objective(objective) -> WorkloadSpec:
     """The spec whose data ``objective`` (an instance) trains on."""
     for spec in _SPECS.values():
@@ -62,4 +72,4 @@ def for_export(directory: str | Path) -> WorkloadSpec | None:
 
 
 __all__ = ["DataError", "DataFacts", "Workload", "WorkloadSpec", "available", "for_export", "for_manifest",
-           "for_objective", "get", "register"]
+           "for_objective", "for_prepare_kind", "get", "register"]

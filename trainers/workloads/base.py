@@ -75,10 +75,21 @@ class WorkloadSpec:
     export_files: tuple[str, ...]  # consolidated export in every checkpoint, all required
     optional_files: tuple[str, ...] = ()  # export files older checkpoints may lack
     objective_hint: str = ""  # how to choose an objective of this kind, for error messages
+    prepare_kind: str | None = None  # the data.prepare.kind that builds this data (None: the default, text)
+    shares_tokenizer: bool = False  # later continual tasks reuse the first task's tokenizer (one vocabulary)
 
     # ---- objectives ------------------------------------------------------------------------------
     def owns(self, objective_cls: type) -> bool:
         """Whether objectives of class ``objective_cls`` (from the objective registry) train on this data kind."""
+        raise NotImplementedError
+
+    # ---- data preparation -----------------------------------------------------------------------
+    def prepare_config(self, params: dict[str, Any], out_dir: str):
+        """The typed config of ``rpt data prepare`` for ``data.prepare`` = ``params`` into ``out_dir``."""
+        raise NotImplementedError
+
+    def prepare(self, prepare_config, *, progress: bool) -> None:
+        """Build the prepared folder (Ray Data; Ray must be initialised)."""
         raise NotImplementedError
 
     # ---- driver side ----------------------------------------------------------------------------

@@ -22,6 +22,17 @@ class ImageSpec(WorkloadSpec):
     export_marker = VIT_CONFIG
     export_files = (ENCODER_WEIGHTS, VIT_CONFIG, PROCESSOR)
     objective_hint = "an image objective"
+    prepare_kind = "images"
+
+    def prepare_config(self, params: dict, out_dir: str):
+        from data.image_prepare import ImagePrepareConfig
+
+        return ImagePrepareConfig(**params, out_dir=out_dir)
+
+    def prepare(self, prepare_config, *, progress: bool) -> None:
+        from data.image_prepare import prepare_images
+
+        prepare_images(prepare_config, progress=progress)
 
     def owns(self, objective_cls: type) -> bool:
         from objectives.vision import VisionObjective

@@ -26,6 +26,18 @@ class TextSpec(WorkloadSpec):
     export_files = (WEIGHTS, MODEL_CONFIG, TOKENIZER)
     optional_files = (TOKENIZER_CONFIG,)
     objective_hint = "a token objective (causal_lm, mlm, span_corruption, ul2, self_distillation)"
+    prepare_kind = None
+    shares_tokenizer = True
+
+    def prepare_config(self, params: dict, out_dir: str):
+        from data.prepare import PrepareConfig
+
+        return PrepareConfig(**{k: v for k, v in params.items() if k != "kind"}, out_dir=out_dir)
+
+    def prepare(self, prepare_config, *, progress: bool) -> None:
+        from data.prepare import prepare
+
+        prepare(prepare_config, progress=progress)
 
     def owns(self, objective_cls: type) -> bool:
         from objectives.base import TokenObjective
