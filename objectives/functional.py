@@ -141,23 +141,47 @@ def spherical_z(
     return _masked_mean(per, valid)
 
 
-def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
-    """Mean squared distance between two stacks of hidden states (..., C), averaged over every element.
+POOL_TOKENS = ("mean", "last", "all")
+
+
+def pool_hidden(hidden: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """The feature vectors of hidden states (B, T, C) that self-distillation compares.
+
+    ``mean``: one vector per sequence, the mean over its T positions, (B, C); ``last``: the last
+    position's, (B, C); ``all``: every position's, (B * T, C).
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden states must be (B, T, C); got {tuple(hidden.shape)}")
+    if how == "mean":
+        return hidden.mean(dim=1)
+    if how == "last":
+        return hidden[:, -1]
+    if how == "all":
+        return hidden.reshape(-1, hidden.size(-1))
+    raise ValueError(f"how={how!r} is not allowed; allowed: {', '.join(POOL_TOKENS)}")
+
+
+def squared_distance(
+    student: torch.Tensor, teacher: torch.Tensor, *, normalize: bool = False
+) -> torch.Tensor:
+    """``sum_c (student - teacher)^2`` per feature vector (..., C), averaged over the vectors.
 
     The distillation term of "Self-Distillation for Further Pre-training of Transformers" (Lee et al.,
-    arXiv 2210.02871, eq. 3: the squared distance between the student's and the teacher's final hidden
-    representations). ``normalize`` compares unit vectors (``F.normalize`` over C), which makes the term
-    insensitive to the norms of the two models' hidden states. The teacher side is detached.
+    arXiv 2210.02871, section 3): the squared L2 distance between the student's and the frozen teacher's
+    feature of each example, averaged over the batch, i.e. MSE with reduction sum divided by the batch
+    size (not the mean over hidden dimensions, which would shrink the term by C). ``normalize`` compares
+    unit vectors (``F.normalize`` over C; the term then lies in [0, 4]), which makes it insensitive to the
+    norms of the two models' features. The teacher side is detached; the result is float32.
     """
     if student.shape != teacher.shape:
         raise ValueError(
-            f"student hidden states {tuple(student.shape)} and teacher's {tuple(teacher.shape)} differ: "
+            f"student features {tuple(student.shape)} and teacher's {tuple(teacher.shape)} differ: "
             "self-distillation needs a teacher of the same width (d_model) on the same inputs"
         )
     s, t = student.float(), teacher.detach().float()
     if normalize:
         s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
-    return (s - t).square().mean()
+    return (s - t).square().sum(dim=-1).mean()
 
 
 # Vision / contrastive losses live in objectives.vision.functional (torch only); re-exported so that

@@ -16,6 +16,11 @@ from objectives.registry import get, register
 log = logging.getLogger(__name__)
 
 
+# Base objectives whose model input is the clean row itself (nothing corrupted): the distance reuses
+# the base objective's forward instead of running the student a second time.
+_UNCORRUPTED_BASES = frozenset({"causal_lm"})
+
+
 @register("self_distillation")
 class SelfDistillation(TokenObjective):
     """Lee et al., "Self-Distillation for Further Pre-training of Transformers", arXiv 2210.02871.
@@ -24,12 +29,27 @@ class SelfDistillation(TokenObjective):
     (a checkpoint folder or ``rpt models pull NAME@ALIAS DIR``: ``model.safetensors`` +
     ``model_config.json``); (2) start the student from the *initial* model again
     (``trainer.init_from``) and train it with ``base`` (``mlm`` as in the paper, or ``causal_lm``) plus
-    ``weight`` times the mean squared distance between its final hidden states and the teacher's on
-    the same (corrupted) input (eq. 3; ``normalize`` compares unit vectors). The teacher is frozen: eval
-    mode, no gradient, never seen by the optimizer; it is loaded on the CPU in ``setup`` and moved to the
-    student's device (and dtype) on the first batch. It must share the student's tokenizer and width.
+    ``weight`` times the self-distillation term (section 3): the squared L2 distance between the
+    student's and the teacher's feature of the *clean* (uncorrupted) input, summed over the hidden
+    dimensions and averaged over the batch (``F.squared_distance``), as in the authors' code
+    (``SelfPreTrainer``: MSE with reduction sum divided by the batch size), so ``weight: 1.0`` weighs
+    it as the paper's lambda = 1 does. The base objective's loss is computed on its corrupted input as
+    usual; the clean input is the batch's rows before the base objective's ``prepare`` (kept in the
+    prepared batch as ``clean_ids``).
 
-    Metrics: the base objective's, plus ``distance`` (the unweighted hidden-state term).
+    The feature is taken from the final (normalised) hidden states by ``distill_tokens``: the paper
+    uses the [CLS] token's; this decoder has no [CLS] token, and ``mean`` (default: the mean over the
+    row's positions, one vector per sequence) is the closest analogue; ``last`` takes the last
+    position's (the only one that sees the whole row under causal attention), ``all`` compares every
+    position's vector (the distance is then averaged over tokens). ``normalize`` compares unit vectors.
+    With ``mlm`` the student runs once on the corrupted and the clean rows together (one forward of
+    2B rows, same attention); with ``causal_lm`` the input is the clean row, so one forward serves both.
+
+    The teacher is frozen: eval mode, no gradient, never seen by the optimizer; it is loaded on the CPU
+    in ``setup`` and moved to the student's device (and dtype) on the first batch. It must share the
+    student's tokenizer and width.
+
+    Metrics: the base objective's, plus ``distance`` (the unweighted self-distillation term).
     """
 
     class Params(BaseModel):
@@ -37,8 +57,15 @@ class SelfDistillation(TokenObjective):
         teacher: str = Field(description="export folder of the teacher (model.safetensors + model_config.json)")
         base: Literal["mlm", "causal_lm"] = Field("mlm", description="the student's own objective")
         base_params: dict[str, Any] = Field(default_factory=dict, description="parameters of the base objective")
-        weight: float = Field(1.0, ge=0.0, description="weight of the hidden-state distance")
-        normalize: bool = Field(False, description="compare L2-normalised hidden states")
+        weight: float = Field(
+            1.0, ge=0.0, description="lambda: weight of the distance (squared L2, mean over the batch)"
+        )
+        distill_tokens: Literal["mean", "last", "all"] = Field(
+            "mean",
+            description="feature compared: mean over positions (default; the closest analogue of the paper's "
+            "[CLS], which this decoder lacks), last position, or all positions",
+        )
+        normalize: bool = Field(False, description="compare L2-normalised features")
 
         @model_validator(mode="after")
         def _base(self):
@@ -98,10 +125,19 @@ class SelfDistillation(TokenObjective):
         return teacher.eval()
 
     def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
-        return self.base.prepare(batch, generator)
+        out = self.base.prepare(batch, generator)
+        # the base objectives read position i of the row at input position i: the clean input is the
+        # row's first T tokens, T the base input's length
+        out["clean_ids"] = batch["tokens"][:, : out["input_ids"].shape[1]]
+        return out
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The base objective's forward (corrupted input), returning the hidden states too."""
         return {**self.base.model_inputs(batch), "return_hidden": True}
+
+    def clean_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The same forward on the clean input: what the student and the teacher are compared on."""
+        return {**self.model_inputs(batch), "input_ids": batch["clean_ids"]}
 
     def _teacher_on(self, like: torch.Tensor) -> torch.nn.Module:
         if self.teacher is None:  # setup() was not called (a user's own loop)
@@ -112,18 +148,29 @@ class SelfDistillation(TokenObjective):
         return self.teacher
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
-        inputs = self.model_inputs(batch)
-        logits, hidden = model(**inputs)  # (B, T, V), (B, T, C)
+        inputs, clean = self.model_inputs(batch), self.clean_inputs(batch)
+        if self.params.base in _UNCORRUPTED_BASES:
+            logits, hidden = model(**inputs)  # (B, T, V), (B, T, C): the input is the clean row
+        else:  # one forward over [corrupted; clean] (the base objectives take no per-row attention mask)
+            B = inputs["input_ids"].shape[0]
+            ids = torch.cat([inputs["input_ids"], clean["input_ids"]])  # (2B, T)
+            logits, hidden = model(**{**inputs, "input_ids": ids})
+            logits, hidden = logits[:B], hidden[B:]  # (B, T, V) on the corrupted rows, (B, T, C) on the clean
         teacher = self._teacher_on(hidden)
         with torch.no_grad():
-            _, teacher_hidden = teacher(**inputs)  # (B, T, C)
+            _, teacher_hidden = teacher(**clean)  # (B, T, C)
         return self.loss_from_hidden(logits, hidden, teacher_hidden, batch)
 
     def loss_from_hidden(
         self, logits: torch.Tensor, hidden: torch.Tensor, teacher_hidden: torch.Tensor, batch: dict[str, Any]
     ) -> tuple[torch.Tensor, dict]:
+        """``base loss(logits) + weight * distance``; ``hidden`` and ``teacher_hidden`` (B, T, C) are the
+        student's and the teacher's final hidden states on the clean input."""
         base_loss, metrics = self.base.loss_from_logits(logits, batch)
-        distance = F.hidden_mse(hidden, teacher_hidden, normalize=self.params.normalize)
+        how = self.params.distill_tokens
+        distance = F.squared_distance(
+            F.pool_hidden(hidden, how), F.pool_hidden(teacher_hidden, how), normalize=self.params.normalize
+        )
         return base_loss + self.params.weight * distance, {**metrics, "distance": distance.detach()}
 
     def loss_from_logits(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:

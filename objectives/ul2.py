@@ -47,11 +47,23 @@ class Denoiser(BaseModel):
 
 
 def default_denoisers() -> list[Denoiser]:
-    """UL2's final mixture (Tay et al., arXiv 2205.05131, section 3.1.2): R (mu 3 / 8, r 15%), X (mu 3 / 8 at
-    r 50%, mu 64 at r 15% / 50%), S; S is sampled 20% of the time, the six span denoisers share the rest."""
+    """UL2's final mixture of seven denoisers (Tay et al., arXiv 2205.05131, section 3.1.2), equal weights.
+
+    R: (mu 3, r 0.15) and (mu 8, r 0.15); X: (mu 3, r 0.5), (mu 8, r 0.5), (mu 64, r 0.15) and
+    (mu 64, r 0.5); S: one prefix-LM denoiser. Every denoiser has ``weight`` 1, so each one, the S
+    denoiser included, is drawn for 1/7 of the examples. What this code runs for each:
+
+    - R/X: T5 span corruption of the row (``objectives/corruption.py``): ``round(n r)`` noise tokens in
+      ``round(n r / mu)`` spans, span lengths a uniformly random composition (mean ``mu``), placed
+      uniformly; the window ``n`` is the longest whose encoding fits the row (``corruption.fit_window``).
+    - S: a prefix LM over the whole row whose split point is uniform over ``1 .. n-1``
+      (``corruption.prefix_lm_plan``), so the target is half the row on average.
+
+    To weight the paradigms differently, list ``denoisers:`` with their own ``weight`` fields.
+    """
     spans = [("R", 3, 0.15), ("R", 8, 0.15), ("X", 3, 0.5), ("X", 8, 0.5), ("X", 64, 0.15), ("X", 64, 0.5)]
     return [Denoiser(kind=k, mean_span_length=m, noise_density=r, weight=1.0) for k, m, r in spans] + [
-        Denoiser(kind="S", weight=1.5)
+        Denoiser(kind="S", weight=1.0)
     ]
 
 
@@ -60,7 +72,8 @@ class UL2(TokenObjective):
     """Mixture-of-Denoisers (UL2, Tay et al., arXiv 2205.05131) for a decoder with prefix-LM attention.
 
     Every example (a packed row, treated as one sequence) draws one denoiser with probability
-    proportional to its ``weight``. R and X denoisers are T5 span corruption (see ``span_corruption``:
+    proportional to its ``weight`` (the default mixture, :func:`default_denoisers`: the paper's seven
+    denoisers, 1/7 each). R and X denoisers are T5 span corruption (see ``span_corruption``:
     ``[mode] inputs-with-sentinels | sentinel + span ...``), S is a prefix LM (``[mode] prefix | suffix``,
     the split uniform over the row). The paradigm's mode token ``<|R|>``, ``<|X|>`` or ``<|S|>`` is
     prepended (UL2's [R]/[X]/[S]; turn off with ``mode_tokens: false``); the prefix (mode token included)

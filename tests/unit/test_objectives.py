@@ -348,13 +348,31 @@ def test_ul2_samples_denoisers_by_weight_and_prepends_mode_tokens():
     weights = torch.tensor([d.weight for d in obj.active])
     freq = torch.bincount(batch["denoiser"], minlength=len(weights)).float() / B
     torch.testing.assert_close(freq, weights / weights.sum(), atol=0.025, rtol=0)
-    assert freq[-1].item() == pytest.approx(0.2, abs=0.025)  # S, 20% by default
+    assert freq[-1].item() == pytest.approx(1 / 7, abs=0.025)  # S: one of the seven equal denoisers
     kinds = [d.kind for d in obj.active]
     first = batch["input_ids"][:, 0]
     for b in range(B):
         assert int(first[b]) == SPECIAL[st.MODE_TOKENS[kinds[int(batch["denoiser"][b])]]]
     assert batch["input_ids"].shape[1] <= 64
     assert bool((batch["prefix_len"] >= 2).all())
+
+
+def test_ul2_default_mixture_is_the_papers_seven_denoisers_drawn_uniformly():
+    # UL2 (arXiv 2205.05131, section 3.1.2): R (3, 0.15), (8, 0.15); X (3, 0.5), (8, 0.5), (64, 0.15),
+    # (64, 0.5); one S; uniform over the seven, so every denoiser (S included) has probability 1/7.
+    paper = [("R", 3, 0.15), ("R", 8, 0.15), ("X", 3, 0.5), ("X", 8, 0.5), ("X", 64, 0.15), ("X", 64, 0.5)]
+    obj = make("ul2", num_sentinels=NUM_SENTINELS)
+    assert [(d.kind, d.mean_span_length, d.noise_density) for d in obj.active] == [
+        *paper, ("S", None, None)
+    ]
+    total = sum(d.weight for d in obj.active)
+    assert [d.weight / total for d in obj.active] == pytest.approx([1 / 7] * 7, abs=1e-12)
+    B = 7000
+    batch = obj.prepare({"tokens": rows(B, 65)}, torch.Generator().manual_seed(3))
+    counts = torch.bincount(batch["denoiser"], minlength=7).tolist()
+    sd = math.sqrt((1 / 7) * (6 / 7) / B)  # binomial standard deviation of one frequency, about 0.0042
+    for name, c in zip([d.name for d in obj.active], counts, strict=True):
+        assert abs(c / B - 1 / 7) < 4 * sd, (name, c / B)
 
 
 def test_ul2_every_denoiser_round_trips():
@@ -463,6 +481,53 @@ def test_self_distillation_distance_is_zero_when_student_is_teacher(teacher_dir)
     assert set(metrics) == {"ce", "z", "distance"}
 
 
+def hand_self_distillation(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, how: str) -> float:
+    """Lee et al. (arXiv 2210.02871), section 3, with Python floats: one feature per example (here the
+    mean / last position of the hidden states, or every position), squared L2 distance summed over the
+    hidden dimensions, averaged over the features (MSE with reduction sum / batch size)."""
+
+    def features(h: list) -> list[list[float]]:
+        if how == "mean":
+            return [[sum(tok[c] for tok in seq) / len(seq) for c in range(len(seq[0]))] for seq in h]
+        if how == "last":
+            return [seq[-1] for seq in h]
+        return [tok for seq in h for tok in seq]
+
+    fs, ft = features(student_hidden.tolist()), features(teacher_hidden.tolist())
+    total = sum(sum((a - b) ** 2 for a, b in zip(u, v, strict=True)) for u, v in zip(fs, ft, strict=True))
+    return total / len(fs)
+
+
+@pytest.mark.parametrize("base", ["mlm", "causal_lm"])
+@pytest.mark.parametrize("how", ["mean", "last", "all"])
+def test_self_distillation_distance_is_the_papers_on_the_clean_input(teacher_dir, base, how):
+    path, teacher = teacher_dir
+    obj = make("self_distillation", teacher=str(path), base=base, weight=0.5, distill_tokens=how)
+    torch.manual_seed(1)
+    student = models.build("debug", vocab_size=VOCAB, max_seq_len=64).eval()
+    tokens = rows(3, 65)
+    clean = tokens[:, :64]  # the row before the base objective's corruption
+    attention = {"is_causal": False} if base == "mlm" else {}
+    with torch.no_grad():
+        _, s_clean = student(clean, return_hidden=True, **attention)
+        _, t_clean = teacher(clean, return_hidden=True, **attention)
+    expected = hand_self_distillation(s_clean, t_clean, how)
+    distances = []
+    for seed in (0, 1):  # two different corruptions of the same rows
+        batch = obj.prepare({"tokens": tokens}, torch.Generator().manual_seed(seed))
+        loss, metrics = obj.loss(student, batch)
+        assert metrics["distance"].item() == pytest.approx(expected, rel=1e-5)
+        base_loss, _ = obj.base.loss(student, batch)  # the base objective on its own (corrupted) input
+        assert loss.item() == pytest.approx(base_loss.item() + 0.5 * expected, rel=1e-5)
+        distances.append(metrics["distance"].item())
+        if base == "mlm":  # not the distance of the corrupted input
+            with torch.no_grad():
+                _, s_corrupt = student(batch["input_ids"], return_hidden=True, is_causal=False)
+                _, t_corrupt = teacher(batch["input_ids"], return_hidden=True, is_causal=False)
+            assert abs(hand_self_distillation(s_corrupt, t_corrupt, how) - expected) > 1e-3 * expected
+    assert distances[0] == distances[1]
+
+
 def test_self_distillation_teacher_is_frozen_and_the_student_learns(teacher_dir):
     path, _ = teacher_dir
     obj = make("self_distillation", teacher=str(path), base="causal_lm", weight=1.0, normalize=True)
@@ -478,13 +543,14 @@ def test_self_distillation_teacher_is_frozen_and_the_student_learns(teacher_dir)
     # the distance term alone pulls the student toward the teacher
     opt = torch.optim.SGD(student.parameters(), lr=0.5)
     before = metrics["distance"].item()
+    F = objectives.functional
     for _ in range(5):
         opt.zero_grad()
-        inputs = obj.model_inputs(batch)
+        inputs = obj.clean_inputs(batch)
         _, hidden = student(**inputs)
         with torch.no_grad():
             _, t_hidden = obj.teacher(**inputs)
-        objectives.functional.hidden_mse(hidden, t_hidden, normalize=True).backward()
+        F.squared_distance(F.pool_hidden(hidden), F.pool_hidden(t_hidden), normalize=True).backward()
         opt.step()
     assert obj.loss(student, batch)[1]["distance"].item() < before
 

@@ -120,10 +120,62 @@ def test_spherical_z_decreases_as_the_target_score_rises():
     assert values == sorted(values, reverse=True)
 
 
-def test_hidden_mse():
+# Self-distillation (Lee et al., arXiv 2210.02871, section 3): one feature per example, squared L2 distance
+# summed over the hidden dimensions, averaged over the batch (MSE with reduction sum / batch size).
+STUDENT = [[[1.0, 2.0], [3.0, 0.0], [2.0, -2.0]], [[0.0, 1.0], [0.5, 0.5], [-1.0, 3.0]]]  # (B=2, T=3, C=2)
+TEACHER = [[[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]], [[1.0, 1.0], [1.0, -1.0], [1.0, 0.0]]]
+
+
+def _hand_distance(s_vecs: list[list[float]], t_vecs: list[list[float]], normalize: bool = False) -> float:
+    def unit(v):
+        n = math.sqrt(sum(x * x for x in v))
+        return [x / n for x in v]
+
+    total = 0.0
+    for s, t in zip(s_vecs, t_vecs, strict=True):
+        if normalize:
+            s, t = unit(s), unit(t)
+        total += sum((a - b) ** 2 for a, b in zip(s, t, strict=True))
+    return total / len(s_vecs)
+
+
+def _hand_pool(h: list[list[list[float]]], how: str) -> list[list[float]]:
+    if how == "mean":
+        return [[sum(tok[c] for tok in seq) / len(seq) for c in range(len(seq[0]))] for seq in h]
+    if how == "last":
+        return [seq[-1] for seq in h]
+    return [tok for seq in h for tok in seq]
+
+
+def test_self_distillation_distance_hand_computed():
+    s, t = torch.tensor(STUDENT), torch.tensor(TEACHER)
+    # mean pooling: student (2, 0), (-1/6, 3/2); teacher (1, 1), (1, 0): (1 + 1) + (49/36 + 9/4), over B = 2
+    assert _hand_distance(_hand_pool(STUDENT, "mean"), _hand_pool(TEACHER, "mean")) == pytest.approx(
+        (2.0 + 49 / 36 + 9 / 4) / 2
+    )
+    for how in ("mean", "last", "all"):
+        expected = _hand_distance(_hand_pool(STUDENT, how), _hand_pool(TEACHER, how))
+        got = F.squared_distance(F.pool_hidden(s, how), F.pool_hidden(t, how))
+        assert got.item() == pytest.approx(expected, rel=1e-6), how
+        normed = _hand_distance(_hand_pool(STUDENT, how), _hand_pool(TEACHER, how), normalize=True)
+        got = F.squared_distance(F.pool_hidden(s, how), F.pool_hidden(t, how), normalize=True)
+        assert got.item() == pytest.approx(normed, rel=1e-6), how
+    # the authors' formulation: MSE with reduction "sum" divided by the batch size
+    ps, pt = F.pool_hidden(s, "mean"), F.pool_hidden(t, "mean")
+    ref = torch.nn.functional.mse_loss(ps, pt, reduction="sum") / ps.shape[0]
+    assert F.squared_distance(ps, pt).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_self_distillation_distance_properties():
     h = torch.randn(2, 3, 8)
-    assert F.hidden_mse(h, h.clone()).item() == 0.0
-    assert F.hidden_mse(h, h + 1.0).item() == pytest.approx(1.0)
-    assert F.hidden_mse(h, 3 * h, normalize=True).item() == pytest.approx(0.0, abs=1e-7)
+    assert F.squared_distance(h, h.clone()).item() == 0.0
+    assert F.squared_distance(h, h + 1.0).item() == pytest.approx(8.0)  # summed over the C = 8 dimensions
+    assert F.squared_distance(h, 3 * h, normalize=True).item() == pytest.approx(0.0, abs=1e-6)
+    assert F.pool_hidden(h, "mean").shape == (2, 8) and F.pool_hidden(h, "all").shape == (6, 8)
+    student, teacher = h.clone().requires_grad_(True), (h + 1.0).requires_grad_(True)
+    F.squared_distance(student, teacher).backward()
+    assert student.grad is not None and teacher.grad is None  # the teacher side is detached
     with pytest.raises(ValueError, match="same width"):
-        F.hidden_mse(h, torch.randn(2, 3, 4))
+        F.squared_distance(h, torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="how='cls'"):
+        F.pool_hidden(h, "cls")
