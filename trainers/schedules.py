@@ -35,7 +35,10 @@ Conventions shared by every schedule:
 - Phases are given in steps (``warmup_steps``) or as a fraction of a budget (``warmup_frac``), exactly
   one of the two. Fractions are *phase lengths* (not end points) and are resolved at validation time
   to ``round_half_up(frac * budget)`` steps, so the function only sees integers and ``describe()``
-  records steps (its output can be fed back to ``get``).
+  records steps (its output can be fed back to ``get``). The one exception: ``infinite`` also takes
+  its authors' *end points* ``cooldown_end_frac`` / ``constant_end_frac`` (fractions of the budget where
+  a phase ends), resolved to phase lengths in steps the same way.
+- Phases that overrun the budget (``total_steps``) are a ValueError naming the phase and the budget.
 - Every phase is a half-open interval ``[start, end)`` of steps; by continuity the value at ``end`` is
   the next phase's starting value.
 """
@@ -554,11 +557,26 @@ class InfiniteSchedule(Schedule):
     g = (1 - cos pi x)/2 (cosine), h(x)/h(1), h(x) = 1/sqrt(1+alpha x) - 1 (inv_sqrt), or x (linear);
     C <= u <= K: c; K < u < K+A: c (r/c)^((u-K)/A); u >= K+A: r. With A = 0 it stays at c forever.
 
-    Budget for the ``*_frac`` fields: ``total_steps``, else ``sum(task_steps)``. If neither
-    ``constant_steps`` nor ``constant_frac`` is given, the constant phase is derived: with ``task_steps``,
+    In the paper's notation (T_warm, T_cd, T_ann, T_end: the steps where warmup, cooldown, constant
+    phase and anneal end): W = T_warm, C = T_cd - T_warm, constant_steps =
+    T_ann - T_cd, A = T_end - T_ann, and the cosine cooldown is eta_const + (eta_max - eta_const)/2
+    (1 + cos(pi (t - T_warm)/(T_cd - T_warm))), the anneal eta_const (eta_min/eta_const)^((t - T_ann)/A).
+
+    Phases are given as lengths (``*_steps``, or ``*_frac`` of the budget), or, as in the authors'
+    configs, by end points as fractions of the budget: ``cooldown_end_frac`` = T_cd / budget (instead of
+    ``cooldown_steps`` / ``cooldown_frac``) and ``constant_end_frac`` = T_ann / budget (instead of
+    ``constant_steps`` / ``constant_frac``); with ``constant_end_frac`` and no anneal length given the
+    anneal runs to the budget (A = budget - T_ann). E.g. ``warmup_frac: 0.01, cooldown_end_frac: 0.6,
+    constant_end_frac: 0.85`` (warmup 1%, cooldown to 60%, constant to 85%, anneal to the end). End
+    points resolve to lengths in steps, ``round_half_up(frac * budget) - (end of the previous phase)``.
+
+    Budget for the ``*_frac`` fields: ``total_steps``, else ``sum(task_steps)``. If no constant length
+    or end is given, the constant phase is derived: with ``task_steps``,
     ``constant_steps = sum(task_steps) - W - C`` (the tasks end with the constant phase; the anneal is a
     branch after them); otherwise with ``total_steps``, ``constant_steps = total_steps - W - C - A`` (the
-    anneal ends at the budget). Defaults of the ratios are the authors' LM values
+    anneal ends at the budget). With ``total_steps``, every phase must end by it (a phase that ends later
+    is a ValueError naming it and the budget); with ``task_steps`` alone, warmup and cooldown must end by
+    ``sum(task_steps)``. Defaults of the ratios are the authors' LM values
     (eta_const = 1.65e-4, eta_min = 3e-5 for eta_max = 3e-4).
     """
 
@@ -594,6 +612,43 @@ class InfiniteSchedule(Schedule):
         min_length=1,
         description="optional steps per task: boundaries/plots only, the function ignores them",
     )
+    cooldown_end_frac: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="T_cd / budget: where the cooldown ends (instead of cooldown_steps/frac)",
+    )
+    constant_end_frac: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="T_ann / budget: where the constant phase ends (instead of constant_steps/frac)",
+    )
+
+    def _end_step(self, phase: str, budget: int | None, budget_name: str) -> int | None:
+        """The step where ``phase`` ends from ``<phase>_end_frac`` (None when not given); clears the field."""
+        end_f = f"{phase}_end_frac"
+        frac = getattr(self, end_f)
+        if frac is None:
+            return None
+        for other in (f"{phase}_steps", f"{phase}_frac"):
+            if getattr(self, other) is not None:
+                raise ValueError(
+                    f"{end_f}={frac} and {other}={getattr(self, other)} are both set; give one of them "
+                    f"(where the {phase} phase ends, or its length)"
+                )
+        if budget is None:
+            raise ValueError(f"{end_f}={frac} needs {budget_name} to resolve into a step; set it")
+        self._fill(**{end_f: None})
+        return _round_steps(frac * budget)
+
+    def _length_to(self, phase: str, end: int, start: int, end_frac: float, start_name: str) -> int:
+        if end < start:
+            raise ValueError(
+                f"{phase}_end_frac={end_frac} puts the end of the {phase} phase at step {end}, before "
+                f"{start_name} at step {start}"
+            )
+        return end - start
 
     def _check(self) -> None:
         if self.total_steps is not None:
@@ -602,8 +657,24 @@ class InfiniteSchedule(Schedule):
             budget, budget_name = sum(self.task_steps), "total_steps (or task_steps)"
         else:
             budget, budget_name = None, "total_steps (or task_steps)"
-        for phase in ("warmup", "cooldown", "anneal"):
-            _resolve_phase(self, phase, budget, budget_name)
+        cd_frac, k_frac = self.cooldown_end_frac, self.constant_end_frac
+        cd_end = self._end_step("cooldown", budget, budget_name)
+        k_end = self._end_step("constant", budget, budget_name)
+        _resolve_phase(self, "warmup", budget, budget_name)
+        if cd_end is None:
+            _resolve_phase(self, "cooldown", budget, budget_name)
+        else:
+            w_end = self.warmup_steps
+            self._fill(cooldown_steps=self._length_to("cooldown", cd_end, w_end, cd_frac, "the warmup's end"))
+        if k_end is not None:
+            self._fill(
+                constant_steps=self._length_to(
+                    "constant", k_end, self.warmup_steps + self.cooldown_steps, k_frac, "the cooldown's end"
+                )
+            )
+            if self.anneal_steps is None and self.anneal_frac is None:
+                self._fill(anneal_steps=budget - k_end)  # T_end = the budget
+        _resolve_phase(self, "anneal", budget, budget_name)
         w, c, a = self.warmup_steps, self.cooldown_steps, self.anneal_steps
         if self.constant_steps is None and self.constant_frac is None:
             if self.task_steps is not None:
@@ -635,13 +706,26 @@ class InfiniteSchedule(Schedule):
             )
         if self.total_steps is not None:
             _check_warmup(w, self.total_steps)
-            end = w + c + self.constant_steps + a
-            if end > self.total_steps:
-                # Legitimate (the run stops early; the anneal is run later as a branch) but worth saying.
-                logger.warning(
-                    "infinite schedule: phases end at step %d, after total_steps=%d; the run stops before",
-                    end,
-                    self.total_steps,
+            self._check_fits(self.total_steps, "total_steps", ("warmup", "cooldown", "constant", "anneal"))
+        elif self.task_steps is not None:  # the constant phase may go on past the tasks (anneal branches)
+            self._check_fits(sum(self.task_steps), "sum(task_steps)", ("warmup", "cooldown"))
+
+    def _check_fits(self, budget: int, budget_name: str, names: tuple[str, ...]) -> None:
+        """ValueError naming the first of ``names`` whose phase ends after ``budget``."""
+        lengths = {
+            "warmup": self.warmup_steps,
+            "cooldown": self.cooldown_steps,
+            "constant": self.constant_steps,
+            "anneal": self.anneal_steps,
+        }
+        end = 0
+        for phase in names:
+            end += lengths[phase]
+            if end > budget:
+                plan = ", ".join(f"{p}_steps={n}" for p, n in lengths.items())
+                raise ValueError(
+                    f"the {phase} phase ends at step {end}, after the budget {budget_name}={budget} "
+                    f"({plan}); shorten the phases or raise {budget_name}"
                 )
 
     def _cooldown(self, x: float) -> float:

@@ -360,6 +360,117 @@ def test_infinite_constant_derived_from_total_steps_and_floor_phase():
     assert schedules.phases("infinite", **INF_BASE, total_steps=3000)[-1] == ("floor", 2900, 3000)
 
 
+# The authors' end points (Ibrahim et al., arXiv 2403.08763): warmup 1%, cooldown to 60%, constant to 85% of
+# the budget, anneal to the end; their LM learning rates eta_max = 3e-4, eta_const = 1.65e-4, eta_min = 3e-5.
+PAPER_ENDS = dict(
+    warmup_frac=0.01, cooldown_end_frac=0.6, constant_end_frac=0.85, const_ratio=0.55, min_ratio=0.1
+)
+
+
+def paper_lr(t: int) -> float:
+    """The paper's infinite schedule with a cosine cooldown, written out on its closed intervals."""
+    t_warm, t_cd, t_ann, t_end = 10, 600, 850, 1000
+    eta_max, eta_const, eta_min = 3e-4, 1.65e-4, 3e-5
+    if t <= t_warm:
+        return eta_max * t / t_warm
+    if t <= t_cd:
+        x = (t - t_warm) / (t_cd - t_warm)
+        return eta_const + (eta_max - eta_const) / 2 * (1 + math.cos(math.pi * x))
+    if t <= t_ann:
+        return eta_const
+    if t <= t_end:
+        return eta_const * (eta_min / eta_const) ** ((t - t_ann) / (t_end - t_ann))
+    return eta_min
+
+
+def test_infinite_end_points_give_the_papers_lr_at_the_phase_boundaries():
+    f = schedules.get("infinite", **PAPER_ENDS, total_steps=1000)
+    steps = [0, 5, 10, 11, 305, 599, 600, 601, 700, 849, 850, 851, 925, 999, 1000, 1200]
+    expected = {t: paper_lr(t) for t in steps}
+    assert {t: 3e-4 * f(t) for t in steps} == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    # by hand: peak at T_warm, eta_const at T_cd and T_ann, cosine midpoint (1 + c)/2, geometric midpoint
+    # sqrt(c r) of the anneal, eta_min at T_end
+    check_table(f, {10: 1.0, 305: 0.775, 600: 0.55, 850: 0.55, 925: math.sqrt(0.055), 1000: 0.1})
+    d = schedules.describe("infinite", **PAPER_ENDS, total_steps=1000)["params"]
+    lengths = (d["warmup_steps"], d["cooldown_steps"], d["constant_steps"], d["anneal_steps"])
+    assert lengths == (10, 590, 250, 150)
+    assert not any(key.endswith("_frac") for key in d)  # stored as steps, like every other fraction
+    same = dict(warmup_steps=10, cooldown_steps=590, constant_steps=250, anneal_steps=150, total_steps=1000)
+    assert f == schedules.get("infinite", **same, const_ratio=0.55, min_ratio=0.1)
+    assert schedules.phases("infinite", **PAPER_ENDS, total_steps=1000) == [
+        ("warmup", 0, 10),
+        ("cooldown", 10, 600),
+        ("constant", 600, 850),
+        ("anneal", 850, 1000),
+    ]
+
+
+def test_infinite_end_points_mix_with_lengths_and_use_task_steps_as_budget():
+    # cooldown given as a length, the constant phase by its end; an explicit anneal leaves a floor phase
+    d = schedules.describe(
+        "infinite",
+        warmup_steps=10,
+        cooldown_steps=90,
+        constant_end_frac=0.5,
+        anneal_steps=100,
+        total_steps=1000,
+    )["params"]
+    assert (d["constant_steps"], d["anneal_steps"]) == (400, 100)
+    d = schedules.describe(
+        "infinite", warmup_frac=0.01, cooldown_end_frac=0.6, anneal_steps=0, task_steps=[500, 500]
+    )["params"]
+    # the constant phase runs to the tasks' end
+    assert (d["warmup_steps"], d["cooldown_steps"], d["constant_steps"]) == (10, 590, 400)
+
+
+@pytest.mark.parametrize(
+    ("params", "needles"),
+    [
+        (dict(PAPER_ENDS, cooldown_steps=500), ["cooldown_end_frac=0.6", "cooldown_steps=500", "both set"]),
+        (dict(PAPER_ENDS, cooldown_frac=0.5), ["cooldown_end_frac=0.6", "cooldown_frac=0.5", "both set"]),
+        (dict(PAPER_ENDS, constant_steps=200), ["constant_end_frac=0.85", "constant_steps=200", "both set"]),
+        (dict(PAPER_ENDS, constant_frac=0.2), ["constant_end_frac=0.85", "constant_frac=0.2", "both set"]),
+        (
+            dict(PAPER_ENDS, warmup_frac=None, warmup_steps=700),
+            ["cooldown_end_frac=0.6", "step 600", "step 700"],
+        ),
+        (dict(PAPER_ENDS, constant_end_frac=0.5), ["constant_end_frac=0.5", "step 500", "step 600"]),
+    ],
+)
+def test_infinite_end_point_errors_name_both_fields(params, needles):
+    with pytest.raises(ValueError) as info:
+        schedules.get("infinite", **params, total_steps=1000)
+    for needle in needles:
+        assert needle in str(info.value), (needle, str(info.value))
+
+
+def test_infinite_end_points_need_a_budget():
+    with pytest.raises(ValueError, match=r"cooldown_end_frac=0.6 needs total_steps \(or task_steps\)"):
+        schedules.get("infinite", warmup_steps=10, cooldown_end_frac=0.6, constant_steps=10, anneal_steps=0)
+
+
+@pytest.mark.parametrize(
+    ("params", "needles"),
+    [
+        (dict(INF_BASE, total_steps=2000), ["constant phase ends at step 2600", "total_steps=2000"]),
+        (dict(INF_BASE, total_steps=2700), ["anneal phase ends at step 2900", "total_steps=2700"]),
+        (dict(INF_BASE, task_steps=[300]), ["cooldown phase ends at step 600", "sum(task_steps)=300"]),
+        (
+            dict(PAPER_ENDS, anneal_steps=200, total_steps=1000),
+            ["anneal phase ends at step 1050", "total_steps=1000"],
+        ),
+    ],
+)
+def test_infinite_phases_overrunning_the_budget_are_an_error(params, needles):
+    with pytest.raises(ValueError) as info:
+        schedules.get("infinite", **params)
+    for needle in needles:
+        assert needle in str(info.value), (needle, str(info.value))
+    # phases that end exactly at the budget are fine; with task_steps alone the constant phase may run on
+    schedules.get("infinite", **INF_BASE, total_steps=2900)
+    schedules.get("infinite", **INF_BASE, task_steps=[600])
+
+
 # ------------------------------------------------------------------------------------- anneal branch
 
 
