@@ -7,7 +7,7 @@ both views in one encoder call (2B images) and projects the pooled embeddings.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +67,13 @@ class SimCLR(_TwoViews):
 class AMCL(_TwoViews):
     """Adaptive Multi-head Contrastive Learning on SimCLR (Wang et al., arXiv 2310.05615).
 
-    ``n_heads`` projection heads; pair- and head-adaptive temperatures from a shared network φ; the loss of
-    :func:`objectives.vision.functional.amcl_nt_xent` (its docstring gives the exact form and why).
-    Negatives come from the global batch (all_gather with gradients, ``gather``). Parts: ``encoder``,
-    ``projectors``, ``temperature``.
+    ``n_heads`` projection heads; pair- and head-adaptive temperatures in (``tau_min``, ``tau_max``) from a
+    shared network φ on the normalised projections; the loss of
+    :func:`objectives.vision.functional.amcl_nt_xent`, whose docstring states both forms exactly:
+    ``normalizer="topk"`` (default) is the authors' released loss (the mean s/τ over the ``topk`` = 100
+    hardest negatives with their log τ + 1/τ regulariser), ``"softmax"`` the exact log-sum-exp posterior.
+    Temperature bounds default to the authors' (1e-5, 2). Negatives come from the global batch (all_gather
+    with gradients, ``gather``). Parts: ``encoder``, ``projectors``, ``temperature``.
     """
 
     class Params(BaseModel):
@@ -78,9 +81,15 @@ class AMCL(_TwoViews):
         n_heads: int = Field(3, ge=1, description="C, projection heads (the paper uses 3-5)")
         proj_hidden_dim: int = Field(512, gt=0)
         proj_dim: int = Field(128, gt=0, description="d′, width of each head's output")
-        tau_min: float = Field(0.05, gt=0.0, description="lower bound of the adaptive temperatures")
-        tau_max: float = Field(1.0, gt=0.0, description="upper bound of the adaptive temperatures")
-        beta: float = Field(0.01, ge=0.0, description="weight β of the temperature regulariser Ω (authors' default 0.01)")
+        tau_min: float = Field(1e-5, gt=0.0, description="lower bound of the adaptive temperatures (authors' 1e-5)")
+        tau_max: float = Field(2.0, gt=0.0, description="upper bound of the adaptive temperatures (authors' 2.0)")
+        beta: float = Field(
+            0.01, ge=0.0, description="weight β of the temperature regulariser Ω (the authors' loss default)"
+        )
+        normalizer: Literal["topk", "softmax"] = Field(
+            "topk", description="topk: the authors' mean over the hardest negatives; softmax: exact log-sum-exp"
+        )
+        topk: int = Field(100, ge=1, description="K hardest negatives of the top-k normaliser (authors' 100)")
         temperature_hidden_dim: int | None = Field(None, gt=0, description="hidden width of φ; None: proj_dim")
         gather: bool = Field(True, description="negatives from every data-parallel rank (all_gather with gradients)")
         augment: A.AugmentConfig = Field(default_factory=A.AugmentConfig)
@@ -108,7 +117,8 @@ class AMCL(_TwoViews):
         z1, z2 = z.chunk(2, dim=1)
         phi1, phi2 = phi.chunk(2, dim=1)
         loss, tau_pos, tau_neg = VF.amcl_nt_xent(
-            z1, z2, phi1, phi2, tau_min=p.tau_min, tau_max=p.tau_max, beta=p.beta, gather=p.gather, return_parts=True
+            z1, z2, phi1, phi2, tau_min=p.tau_min, tau_max=p.tau_max, beta=p.beta, normalizer=p.normalizer,
+            topk=p.topk, gather=p.gather, return_parts=True,
         )
         return loss, {"tau_pos": tau_pos, "tau_neg": tau_neg}
 
@@ -117,9 +127,11 @@ class AMCL(_TwoViews):
 class BarlowTwins(_TwoViews):
     """Barlow Twins (Zbontar et al., arXiv 2103.03230): Σ(1 − C_ii)² + λ Σ_{i≠j} C_ij².
 
-    C is the cross-correlation of this rank's batch-standardised projections (no cross-rank gather: with
-    equal per-rank batches, the mean of per-rank losses is the usual data-parallel estimate). Parts:
-    ``encoder``, ``projector`` (3-layer MLP).
+    C is the cross-correlation of the projections standardised over the global batch: feature means,
+    variances and the sum of products are all-reduced over the data-parallel ranks (as the authors' code
+    does with SyncBatchNorm and an all_reduce of C), so the loss does not depend on how the batch is split
+    over workers (:func:`objectives.vision.functional.barlow_twins`). Parts: ``encoder``, ``projector``
+    (3-layer MLP).
     """
 
     class Params(BaseModel):
@@ -136,9 +148,14 @@ class BarlowTwins(_TwoViews):
             "projector": ProjectionHead(vit.d_model, params.proj_hidden_dim, params.proj_dim, n_layers=3),
         }
 
+    @property
+    def lambd(self) -> float:
+        """λ, the weight of the off-diagonal term."""
+        return self.params.lambd
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         z1, z2 = call(model, "projector", self._encode(model, batch["view1"], batch["view2"])).chunk(2)
-        loss, on, off = VF.barlow_twins(z1, z2, lambd=self.params.lambd, return_parts=True)
+        loss, on, off = VF.barlow_twins(z1, z2, lambd=self.lambd, return_parts=True)
         return loss, {"on_diag": on.detach(), "off_diag": off.detach()}
 
 
@@ -148,11 +165,20 @@ class MixedBarlowTwins(BarlowTwins):
 
     ``prepare`` also draws α ~ U(0, 1) (= Beta(1, 1)) and a permutation per batch and mixes the views:
     x_m = α·view1 + (1 − α)·view2[perm]. ``loss`` = Barlow Twins + ``mix_scale``·λ·
-    :func:`objectives.vision.functional.mixed_barlow_regularizer`.
+    :func:`objectives.vision.functional.mixed_barlow_regularizer`, both over the global batch.
+    Defaults as the authors' runs: ``mix_scale`` 4 and λ = 1/d with d = ``proj_dim`` (their released
+    models: d = 1024 with λ = 1/1024 on Tiny ImageNet, 1/128 on CIFAR and STL-10).
     """
 
     class Params(BarlowTwins.Params):
-        mix_scale: float = Field(1.0, ge=0.0, description="the regulariser's weight is mix_scale · lambd")
+        lambd: float | None = Field(None, ge=0.0, description="λ of the off-diagonal term; None: 1/proj_dim")
+        mix_scale: float = Field(4.0, ge=0.0, description="the regulariser's weight is mix_scale · λ")
+
+    @property
+    def lambd(self) -> float:
+        """λ: ``lambd``, or 1/``proj_dim`` when unset."""
+        p = self.params
+        return p.lambd if p.lambd is not None else 1.0 / p.proj_dim
 
     def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
         g = A.default_generator(generator)
@@ -166,7 +192,7 @@ class MixedBarlowTwins(BarlowTwins):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         z = call(model, "projector", self._encode(model, batch["view1"], batch["view2"], batch["mixed"]))
         z1, z2, zm = z.chunk(3)
-        bt, on, off = VF.barlow_twins(z1, z2, lambd=self.params.lambd, return_parts=True)
+        bt, on, off = VF.barlow_twins(z1, z2, lambd=self.lambd, return_parts=True)
         mix = VF.mixed_barlow_regularizer(z1, z2, zm, alpha=batch["mix_alpha"].float(), perm=batch["mix_perm"])
-        loss = bt + self.params.mix_scale * self.params.lambd * mix
+        loss = bt + self.params.mix_scale * self.lambd * mix
         return loss, {"on_diag": on.detach(), "off_diag": off.detach(), "mix_reg": mix.detach()}

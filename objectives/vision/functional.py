@@ -1,13 +1,23 @@
 """Vision pre-training losses as pure tensor functions (no model, no state).
 
-All losses compute in float32 whatever the input dtype. The contrastive losses that need negatives from
-the whole global batch (:func:`nt_xent`, :func:`clip_loss`, :func:`amcl_nt_xent`) gather embeddings
-across data-parallel ranks when ``torch.distributed`` is initialised with more than one rank (``gather=True``,
-the default): each rank's local rows are the anchors and the rows of every rank are the candidates. The
-gather is differentiable (:func:`gather_with_grad`: all_gather forward, all_reduce-sum backward), so with
-the usual averaging of gradients over ranks (DDP, DeepSpeed) the update equals the one of the
-single-process loss on the concatenated global batch. Every rank must hold the same number of rows.
-Without a process group (or with one rank) nothing is gathered.
+All losses compute in float32 whatever the input dtype. Two kinds of cross-rank communication, both
+only when ``torch.distributed`` is initialised with more than one rank (without a process group, or with
+one rank, nothing is communicated):
+
+- The contrastive losses that need negatives from the whole global batch (:func:`nt_xent`,
+  :func:`clip_loss`, :func:`amcl_nt_xent`) gather embeddings (``gather=True``, the default): each rank's
+  local rows are the anchors and the rows of every rank are the candidates. The gather is differentiable
+  (:func:`gather_with_grad`: all_gather forward, all_reduce-sum backward). Every rank must hold the same
+  number of rows.
+- The Barlow Twins losses (:func:`barlow_twins`, :func:`mixed_barlow_regularizer`,
+  :func:`cross_correlation`) all-reduce per-rank sums (:func:`all_reduce_with_grad`: all_reduce-sum
+  forward and backward): the batch mean and variance of every feature and the cross-correlation matrix
+  are those of the global batch, so every rank gets the same loss, the single-process loss on the
+  concatenated batch. ``group`` selects another process group than the default one.
+
+In both cases the backward pass gives each rank's rows the gradient of the sum of the ranks' losses, so
+with the usual averaging of gradients over ranks (DDP, DeepSpeed) the update equals the one of the
+single-process loss on the concatenated global batch.
 """
 
 from __future__ import annotations
@@ -21,9 +31,10 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------------
 
 
-def _world() -> tuple[int, int]:
+def _world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    """(world size, rank) in ``group`` (the default group when None); (1, 0) without a process group."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
+        return dist.get_world_size(group), dist.get_rank(group)
     return 1, 0
 
 
@@ -52,6 +63,35 @@ def gather_with_grad(x: torch.Tensor, *, gather: bool = True) -> tuple[torch.Ten
     if not gather or world == 1:
         return x, 0
     return _GatherWithGrad.apply(x), rank * x.shape[0]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is all_reduce(SUM) of the incoming gradients.
+
+    Every rank gets S = Σ_r x_r. The backward gives rank r the gradient of Σ_r' L_r' (the sum of the ranks'
+    losses) w.r.t. x_r: Σ_r' ∂L_r'/∂S, which is the all-reduced sum of the ranks' incoming gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Σ over the ranks of ``group`` of ``x`` (same shape on every rank), differentiable; identity with one rank."""
+    world, _ = _world(group)
+    if world == 1:
+        return x
+    return _AllReduceSum.apply(x, group)
 
 
 def gather_no_grad(x: torch.Tensor, *, gather: bool = True) -> torch.Tensor:
@@ -188,30 +228,70 @@ def clip_loss(
 
 def batch_standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """(N, D) -> each column minus its batch mean, divided by sqrt(biased batch variance + eps)
-    (BatchNorm without affine parameters, as in Barlow Twins)."""
+    (BatchNorm without affine parameters, as in Barlow Twins). This rank's rows only; the losses below use
+    :func:`global_standardize`."""
     z = z.float()
     mean = z.mean(0, keepdim=True)
     var = z.var(0, unbiased=False, keepdim=True)
     return (z - mean) / (var + eps).sqrt()
 
 
-def cross_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """C = standardise(a)ᵀ standardise(b) / N: (D, D) empirical cross-correlation over the batch."""
-    return batch_standardize(a).T @ batch_standardize(b) / a.shape[0]
+def global_standardize(
+    *zs: torch.Tensor, eps: float = 1e-5, group: dist.ProcessGroup | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Standardise each (n, D) tensor with the mean and biased variance of every column over the global
+    batch (the rows of every rank of ``group``): BatchNorm without affine parameters, synchronised across
+    ranks as the Barlow Twins code does with SyncBatchNorm (Zbontar et al., arXiv 2103.03230).
 
-
-def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, *, lambd: float = 5e-3, return_parts: bool = False):
-    """Barlow Twins (Zbontar et al., arXiv 2103.03230, eq. 1): Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij².
-
-    C is the cross-correlation of the batch-standardised embeddings, so the loss is unchanged when either
-    embedding is scaled or shifted per dimension. It uses this rank's batch only (no gather).
-    ``return_parts``: also return (on-diagonal term, off-diagonal sum of squares).
+    Two all-reduces of per-rank sums, both differentiable (:func:`all_reduce_with_grad`): Σ z (with the row
+    count), then Σ (z − mean)². Returns (this rank's standardised rows of each input, global row count N
+    as a float32 tensor). With one rank it is :func:`batch_standardize` of each input.
     """
+    zs = tuple(z.float() for z in zs)
+    n_local = zs[0].new_full((1,), float(zs[0].shape[0]))
+    sums = all_reduce_with_grad(torch.cat([z.sum(0) for z in zs] + [n_local]), group)
+    total = sums[-1]
+    devs = [z - m / total for z, m in zip(zs, sums[:-1].split([z.shape[1] for z in zs]), strict=True)]
+    sq = all_reduce_with_grad(torch.cat([d.pow(2).sum(0) for d in devs]), group)
+    var = sq / total
+    out = [d / (v + eps).sqrt() for d, v in zip(devs, var.split([d.shape[1] for d in devs]), strict=True)]
+    return out, total
+
+
+def cross_correlation(
+    a: torch.Tensor, b: torch.Tensor, *, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """C = âᵀ b̂ / N: (D, D) empirical cross-correlation over the global batch (N rows of every rank),
+    â, b̂ standardised by :func:`global_standardize`; the sum of products is all-reduced."""
+    (sa, sb), total = global_standardize(a, b, group=group)
+    return all_reduce_with_grad(sa.T @ sb, group) / total
+
+
+def _check_pair(z1: torch.Tensor, z2: torch.Tensor, group) -> None:
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)} must both be (N, D)")
-    if z1.shape[0] < 2:
+    world, _ = _world(group)
+    if z1.shape[0] * world < 2:
         raise ValueError("Barlow Twins standardises over the batch; it needs at least 2 rows")
-    c = cross_correlation(z1, z2)
+
+
+def barlow_twins(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    *,
+    lambd: float = 5e-3,
+    return_parts: bool = False,
+    group: dist.ProcessGroup | None = None,
+):
+    """Barlow Twins (Zbontar et al., arXiv 2103.03230, eq. 1): Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij².
+
+    C is :func:`cross_correlation` of the two views' embeddings over the global batch (every rank of
+    ``group``, module docstring), so the loss is that of the single-process run on the concatenated
+    batch whatever the split over ranks, and unchanged when either embedding is scaled or shifted per
+    dimension. ``return_parts``: also return (on-diagonal term, off-diagonal sum of squares).
+    """
+    _check_pair(z1, z2, group)
+    c = cross_correlation(z1, z2, group=group)
     diag = torch.diagonal(c)
     on = (1 - diag).pow(2).sum()
     off = c.pow(2).sum() - diag.pow(2).sum()
@@ -220,25 +300,30 @@ def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, *, lambd: float = 5e-3, ret
 
 
 def mixed_barlow_regularizer(
-    z1: torch.Tensor, z2: torch.Tensor, z_mix: torch.Tensor, *, alpha: float | torch.Tensor, perm: torch.Tensor
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    z_mix: torch.Tensor,
+    *,
+    alpha: float | torch.Tensor,
+    perm: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Mixed Barlow Twins' mixup regulariser (Bandara et al., arXiv 2312.02151).
 
-    The inputs of ``z_mix`` are x_m = α·x1 + (1 − α)·x2[perm]. If the embedding were linear in the input,
-    its cross-correlations with each view would be the same interpolation of the views' own ones:
-    C(z_m, z_k) ≈ α·C(z1, z_k) + (1 − α)·C(z2[perm], z_k) for k = 1, 2, where C(a, b) = âᵀ b̂ / N with
-    batch-standardised â, b̂. The regulariser is the squared Frobenius distance summed over k = 1, 2;
-    the objective weights it (``mix_scale · λ``).
+    The inputs of ``z_mix`` are x_m = α·x1 + (1 − α)·x2[perm] (``perm`` permutes this rank's rows). If the
+    embedding were linear in the input, its cross-correlations with each view would be the same
+    interpolation of the views' own ones: C(z_m, z_k) ≈ α·C(z1, z_k) + (1 − α)·C(z2[perm], z_k) for
+    k = 1, 2, where C(a, b) = âᵀ b̂ / N with â, b̂ standardised over the global batch
+    (:func:`global_standardize`). The regulariser is the squared Frobenius distance summed over k = 1, 2
+    (as in the authors' code); the objective weights it (``mix_scale · λ``). Both sides are sums over
+    rows, so the difference (âm − α·â1 − (1 − α)·â2[perm])ᵀ âk is all-reduced over ranks (each rank's
+    rows with that rank's α).
     """
-    n = z1.shape[0]
-    a1, a2, am = batch_standardize(z1), batch_standardize(z2), batch_standardize(z_mix)
-    a2p = a2[perm]
-    total = z1.new_zeros((), dtype=torch.float32)
-    for ak in (a1, a2):
-        c_m = am.T @ ak / n
-        c_gt = alpha * (a1.T @ ak / n) + (1 - alpha) * (a2p.T @ ak / n)
-        total = total + (c_m - c_gt).pow(2).sum()
-    return total
+    _check_pair(z1, z2, group)
+    (a1, a2, am), total = global_standardize(z1, z2, z_mix, group=group)
+    resid = am - alpha * a1 - (1 - alpha) * a2[perm]  # (n, D)
+    diff = all_reduce_with_grad(torch.stack((resid.T @ a1, resid.T @ a2)), group) / total  # (2, D, D)
+    return diff.pow(2).sum()
 
 
 def amcl_omega(tau: torch.Tensor, dim: int) -> torch.Tensor:
@@ -252,6 +337,9 @@ def amcl_omega(tau: torch.Tensor, dim: int) -> torch.Tensor:
     return 0.5 * dim * tau.log() + tau.reciprocal()
 
 
+AMCL_NORMALIZERS = ("topk", "softmax")
+
+
 def amcl_nt_xent(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -261,34 +349,48 @@ def amcl_nt_xent(
     tau_min: float,
     tau_max: float,
     beta: float,
+    normalizer: str = "topk",
+    topk: int = 100,
     gather: bool = True,
     return_parts: bool = False,
 ):
-    """Adaptive Multi-head Contrastive Learning on SimCLR (Wang et al., arXiv 2310.05615), the form implemented.
+    """Adaptive Multi-head Contrastive Learning on SimCLR (Wang et al., arXiv 2310.05615): what is computed.
 
     Inputs: C heads of projected views z1, z2 (C, N, d′) and the temperature network's outputs phi1, phi2
-    (C, N, d_φ) on the normalised projections. With u = normalise(z), for head c and anchor a (the 2N local
-    rows of both views) against every other row k of the global batch:
+    (C, N, d_φ) on the normalised projections. With u = normalise(z) and s_ak = u_a·u_k, for head c and
+    anchor a (the 2N local rows of both views), its positive p(a) (the other view of the same image) and
+    the negatives k ∉ {a, p(a)} (the 2M − 2 other rows of the global batch of M images, module docstring):
 
-        τ_ak = τ_min + (τ_max − τ_min) · sigmoid(−φ_a·φ_k)                           pair- and head-adaptive
-        ℓ_ak = u_a·u_k / τ_ak − β·Ω(τ_ak),  Ω(τ) = (d′/2) log τ + 1/τ                (:func:`amcl_omega`)
-        L_c  = mean_a [ −ℓ_{a,p(a)} + log Σ_{k≠a} exp(ℓ_ak) ]
-        L    = Σ_c L_c
+        τ_ak = τ_min + (τ_max − τ_min) · sigmoid(−φ_a·φ_k)          pair- and head-adaptive, shared φ
+        Ω(τ) = (d′/2) log τ + 1/τ                                   (:func:`amcl_omega`)
 
-    i.e. the negative log posterior that k = p(a) is the positive when every candidate's similarity has a
-    Gaussian likelihood with its own variance τ_ak (β = 1 is that likelihood exactly; smaller β weakens the
-    regulariser); the product of the heads' posteriors gives the sum over heads. With a constant τ and β = 0
-    it is C times :func:`nt_xent`.
+    ``normalizer="topk"`` (default): the loss of the authors' released code for SimCLR, with
+    K = min(``topk``, 2M − 2) and T(a) the K negatives of largest s_ak (the hardest; chosen by s, not s/τ):
 
-    Why this form: the paper derives the loss as maximum likelihood over head-wise posteriors with pair-wise
-    temperatures and a regulariser that stops the temperatures degenerating; Ω and the τ network are those
-    of the authors' released code (github.com/LeiWangR/cl, ``amcl/losses.py``). That code approximates the
-    log-sum-exp over negatives by the mean of the top-k hardest s/τ and subtracts their log τ + 1/τ; we keep
-    the exact softmax normaliser (our batches are small enough) so that the loss stays a proper
-    log-likelihood and reduces exactly to NT-Xent. Gathers across ranks (module docstring).
+        ℓ_a = −s_{a,p(a)}/τ_{a,p(a)} + β·Ω(τ_{a,p(a)}) + (1/K)·Σ_{k∈T(a)} s_ak/τ_ak − β·Σ_{k∈T(a)} (log τ_ak + 1/τ_ak)
 
-    ``return_parts``: also return (mean positive τ, mean negative τ) as detached tensors.
+    The mean over the hardest negatives replaces a log-sum-exp normaliser, and their regulariser is summed,
+    without the d′/2 factor and with the opposite sign to the positive's. It is not a normalised
+    log-likelihood and is not bounded below in τ: a negative with s_ak < K·β lowers the loss without limit
+    as τ_ak → 0, so ``tau_min`` bounds it.
+
+    ``normalizer="softmax"``: the exact posterior form. With ℓ_ak = s_ak/τ_ak − β·Ω(τ_ak),
+
+        ℓ_a = −ℓ_{a,p(a)} + log Σ_{k≠a} exp(ℓ_ak)          (the positive is among the candidates)
+
+    the negative log posterior that k = p(a) is the positive when the similarity to each candidate k has
+    an isotropic Gaussian likelihood of variance τ_ak (β = 1 is that likelihood up to a constant; β < 1
+    weakens the Ω term). With a constant τ and β = 0 it is :func:`nt_xent` per head.
+
+    Both: L = Σ_c mean_a ℓ_a (mean over the 2N local anchors of both views, sum over heads; the authors'
+    code averages the two view directions, the same mean). Gathers across ranks (module docstring); the
+    authors' code takes negatives from one GPU's batch. ``return_parts``: also return (mean τ over the
+    positive pairs, mean τ over all negative pairs) as detached tensors.
     """
+    if normalizer not in AMCL_NORMALIZERS:
+        raise ValueError(f"normalizer={normalizer!r}; allowed: {', '.join(AMCL_NORMALIZERS)}")
+    if topk < 1:
+        raise ValueError(f"topk={topk}; allowed: >= 1")
     if z1.shape != z2.shape or z1.dim() != 3:
         raise ValueError(f"z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)} must both be (C, N, D)")
     C, n, d = z1.shape
@@ -305,15 +407,32 @@ def amcl_nt_xent(
     sim = u @ U.transpose(1, 2)  # (C, 2n, 2m)
     score = ph @ P.transpose(1, 2)
     tau = tau_min + (tau_max - tau_min) * torch.sigmoid(-score)  # (C, 2n, 2m)
-    logits = sim / tau - beta * amcl_omega(tau, d)
     self_col, pos_col = _pair_indices(n, m, offset, z1.device)
-    logits = logits.scatter(2, self_col.view(1, -1, 1).expand(C, -1, 1), float("-inf"))
-    per_head = F.cross_entropy(logits.reshape(C * 2 * n, -1), pos_col.repeat(C), reduction="none").view(C, 2 * n)
-    loss = per_head.mean(1).sum()
+    self_idx = self_col.view(1, -1, 1).expand(C, -1, 1)
+    pos_idx = pos_col.view(1, -1, 1).expand(C, -1, 1)
+    if normalizer == "softmax":
+        logits = (sim / tau - beta * amcl_omega(tau, d)).scatter(2, self_idx, float("-inf"))
+        per_anchor = F.cross_entropy(logits.reshape(C * 2 * n, -1), pos_col.repeat(C), reduction="none")
+        per_anchor = per_anchor.view(C, 2 * n)
+    else:
+        k = min(topk, 2 * m - 2)
+        if k < 1:
+            raise ValueError("AMCL's top-k normaliser needs at least one negative: 2 images in the global batch")
+        excluded = sim.detach().scatter(2, self_idx, float("-inf")).scatter(2, pos_idx, float("-inf"))
+        top = excluded.topk(k, dim=2).indices  # (C, 2n, K): the hardest negatives by similarity
+        s_top, tau_top = sim.gather(2, top), tau.gather(2, top)
+        s_pos, tau_pos = sim.gather(2, pos_idx)[..., 0], tau.gather(2, pos_idx)[..., 0]  # (C, 2n)
+        per_anchor = (
+            -s_pos / tau_pos
+            + beta * amcl_omega(tau_pos, d)
+            + (s_top / tau_top).mean(2)
+            - beta * (tau_top.log() + tau_top.reciprocal()).sum(2)
+        )
+    loss = per_anchor.mean(1).sum()
     if not return_parts:
         return loss
     with torch.no_grad():
-        pos_mask = torch.zeros_like(tau, dtype=torch.bool).scatter_(2, pos_col.view(1, -1, 1).expand(C, -1, 1), True)
+        pos_mask = torch.zeros_like(tau, dtype=torch.bool).scatter_(2, pos_idx, True)
         neg_mask = ~pos_mask
-        neg_mask.scatter_(2, self_col.view(1, -1, 1).expand(C, -1, 1), False)
+        neg_mask.scatter_(2, self_idx, False)
         return loss, tau[pos_mask].mean(), tau[neg_mask].mean()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import math
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -93,33 +95,120 @@ class MAE(VisionObjective):
         return loss, {"mse_masked": loss.detach()}
 
 
+def teacher_momentum(step: int, total_steps: int, start: float, end: float, schedule: str = "linear") -> float:
+    """EMA momentum after optimizer step ``step`` of ``total_steps``: ``start`` → ``end``, then ``end``.
+
+    ``linear``: m = start + (end − start)·t/T, as HPM's released code raises 0.999 to 0.9999 (per epoch,
+    over its first 100 epochs; here over the run). ``cosine``: m = end − (end − start)·(cos(π t/T) + 1)/2,
+    BYOL's schedule (Grill et al., arXiv 2006.07733). t/T is clipped to [0, 1].
+    """
+    frac = min(1.0, max(0.0, step / total_steps))
+    if schedule == "linear":
+        return start + (end - start) * frac
+    if schedule == "cosine":
+        return end - (end - start) * (math.cos(math.pi * frac) + 1) / 2
+    raise ValueError(f"schedule={schedule!r}; allowed: linear, cosine")
+
+
+@torch.no_grad()
+def ema_update_(teacher: list[torch.Tensor], online: list[torch.Tensor], momentum: float) -> None:
+    """θ_t ← m·θ_t + (1 − m)·θ_s in place, in the teacher's dtype (online tensors are cast, e.g. from bf16)."""
+    if len(teacher) != len(online):
+        raise ValueError(f"{len(teacher)} teacher tensors but {len(online)} online ones")
+    if not teacher:
+        return
+    src = [o.detach().to(t.dtype) for t, o in zip(teacher, online, strict=True)]
+    torch._foreach_lerp_(teacher, src, 1.0 - momentum)
+
+
+class HPMTeacher(nn.Module):
+    """HPM's frozen EMA teacher: copies of the encoder and the loss predictor that score every patch.
+
+    Never trained (``requires_grad=False``, always in eval mode); :class:`HPM` moves it towards the online
+    parts after every optimizer step. ``synced`` (a persistent buffer, so checkpoints keep it) is 0 until
+    the teacher has been set equal to the online parts, which happens on the first ``loss`` call: then a
+    teacher restored from a checkpoint is kept, and one whose online parts were loaded from elsewhere
+    (encoder-only initialisation) starts from them.
+    """
+
+    def __init__(self, encoder: nn.Module, loss_predictor: nn.Module):
+        super().__init__()
+        self.encoder = copy.deepcopy(encoder)
+        self.loss_predictor = copy.deepcopy(loss_predictor)
+        self.requires_grad_(False)
+        self.register_buffer("synced", torch.zeros((), dtype=torch.long))
+        self.train(False)
+
+    def train(self, mode: bool = True) -> HPMTeacher:
+        return super().train(False)  # no dropout in the teacher, whatever the model's mode
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Predicted reconstruction loss of every patch of the unmasked images: (B, L) float32."""
+        latent = self.encoder(images)
+        B, L = images.shape[0], self.encoder.cfg.num_patches
+        identity = torch.arange(L, device=images.device).expand(B, L)
+        return self.loss_predictor(latent, identity)[..., 0].float()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The :class:`VisionModel` inside a DeepSpeed engine or DDP wrapper (``.module``), or the model itself."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
 @register("hpm")
 class HPM(MAE):
     """Hard Patches Mining (Wang et al., arXiv 2304.05919): MAE plus a loss predictor that chooses the masks.
 
     Per step (``loss``):
 
-    1. without gradient, encode the whole image and let the loss predictor score every patch (B, L);
+    1. the EMA teacher (part ``teacher``: :class:`HPMTeacher`, copies of the encoder and loss predictor)
+       encodes the whole image without gradient and scores every patch (B, L);
     2. mask L − K patches: the ⌊α_t·(L − K)⌉ patches with the highest predicted loss (hard patches), the rest
-       at random (the noise drawn in ``prepare``); α_t grows linearly from ``hard_ratio_start`` to
-       ``hard_ratio_end`` over ``ramp_steps`` steps — easy (random) to hard masking;
+       at random (the noise drawn in ``prepare``); α_t = α_0 + (α_T − α_0)·t/T grows linearly from
+       ``hard_ratio_start`` to ``hard_ratio_end`` over ``ramp_steps`` (default: the whole run,
+       ``total_steps``), the paper's easy-to-hard schedule;
     3. MAE reconstruction loss on the masked patches, plus ``predictor_weight`` × the relative loss
-       :func:`objectives.vision.functional.hpm_relative_loss` between the predictor's output for the masked
-       patches and their detached per-patch reconstruction losses.
+       :func:`objectives.vision.functional.hpm_relative_loss` between the online predictor's output for the
+       masked patches and their detached per-patch reconstruction losses.
 
-    The predictor (part ``loss_predictor``, a separate MAE decoder branch with one output per patch, on the
-    shared encoder latent) gets gradients only from its own loss; that loss also reaches the encoder, as in
-    the paper, where predicting difficulty is an extra learning signal. The step t is the number of training
-    ``loss`` calls so far, unless :meth:`set_step` is called (the loop should, with the global step, so a
-    resumed run continues the ramp). Parts: ``encoder``, ``decoder``, ``loss_predictor``.
+    The online predictor (part ``loss_predictor``, a separate MAE decoder branch with one output per patch,
+    as deep as the decoder by default as in the authors' code, on the shared encoder latent) gets gradients only
+    from its own loss; that loss also reaches the encoder, as in the paper, where predicting difficulty is
+    an extra learning signal.
+
+    The teacher follows the online encoder and predictor by an exponential moving average after every
+    optimizer step, θ_t ← m·θ_t + (1 − m)·θ_s, with m from ``momentum_start`` (0.999) to ``momentum_end``
+    (0.9999) over the run (:func:`teacher_momentum`), as the authors' code does with a model EMA; so the
+    masks come from a slowly moving model, not from the one being trained. The update runs in
+    :meth:`set_step`, which the training loop calls before every step (objectives/hooks.py): it applies the
+    update for the optimizer step just taken to the model the last training ``loss`` call received (a
+    DeepSpeed engine is unwrapped through ``.module``), on the device, without host syncs. The teacher is
+    kept in float32 (under bf16 an update of (1 − m)·Δθ would round away), is a part of the model and so
+    is checkpointed with it; after a bf16 resume it restarts from its checkpointed (bf16-rounded) values.
+    ZeRO stage 3 (partitioned parameters) is not supported.
+
+    The step t is the one :meth:`set_step` received; without it (no training loop), the number of training
+    ``loss`` calls so far, and the teacher is only updated by :meth:`update_teacher`.
+    Parts: ``encoder``, ``decoder``, ``loss_predictor``, ``teacher``.
     """
 
     class Params(MAE.Params):
         predictor_weight: float = Field(1.0, ge=0.0, description="weight of the loss-prediction objective")
-        predictor_layers: int = Field(1, ge=1, description="blocks of the loss predictor's decoder branch")
+        predictor_layers: int | None = Field(
+            None, ge=1, description="blocks of the loss predictor's decoder branch; None: as many as the decoder"
+        )
         hard_ratio_start: float = Field(0.0, ge=0.0, le=1.0, description="α_0: share of masked patches chosen as hard at step 0")
         hard_ratio_end: float = Field(0.5, ge=0.0, le=1.0, description="α_T: share of masked patches chosen as hard after the ramp")
-        ramp_steps: int = Field(1000, ge=1, description="T: steps over which α grows linearly")
+        total_steps: int | None = Field(
+            None, ge=1, description="T, the run's optimizer steps (trainer.max_steps): length of the α and momentum ramps"
+        )
+        ramp_steps: int | None = Field(None, ge=1, description="steps over which α grows linearly; None: total_steps")
+        momentum_start: float = Field(0.999, ge=0.0, lt=1.0, description="teacher EMA momentum at step 0")
+        momentum_end: float = Field(0.9999, ge=0.0, lt=1.0, description="teacher EMA momentum at the end of the run")
+        momentum_schedule: Literal["linear", "cosine"] = Field("linear", description="how the momentum rises")
 
         @model_validator(mode="after")
         def _ramp_order(self):
@@ -134,21 +223,99 @@ class HPM(MAE):
         super().__init__(params)
         self.step = 0
         self._step_set = False
+        self._online: nn.Module | None = None  # the model of the last training loss call
+        self._stepped = False  # a training loss call since the last teacher update
+        self._teacher_ready: nn.Module | None = None  # the VisionModel whose teacher is synced and float32
 
     @classmethod
     def build_modules(cls, params: BaseModel, vit: ResolvedViTConfig) -> dict[str, nn.Module]:
         parts = super().build_modules(params, vit)
         parts["loss_predictor"] = MAEDecoder(vit, out_dim=1, n_layers=params.predictor_layers)
+        parts["teacher"] = HPMTeacher(parts["encoder"], parts["loss_predictor"])
         return parts
 
-    def set_step(self, step: int) -> None:
-        """Set the step t of the easy-to-hard ramp (and stop counting ``loss`` calls)."""
-        self.step, self._step_set = int(step), True
+    def check_data(self, data: dict[str, Any]) -> None:
+        if self.params.total_steps is None and self.params.ramp_steps is None:
+            raise ValueError(
+                "objective.total_steps is not set: hpm ramps its hard-patch share and its teacher's momentum "
+                "over the run; set objective.total_steps to trainer.max_steps"
+            )
+
+    # ---- schedules ---------------------------------------------------------------------------------
+    def _horizon(self, what: str) -> int:
+        """Length of the α ramp (``ramp_steps``, else ``total_steps``) or of the momentum ramp
+        (``total_steps``, else ``ramp_steps``)."""
+        p = self.params
+        first, second = (p.ramp_steps, p.total_steps) if what == "ramp" else (p.total_steps, p.ramp_steps)
+        steps = first if first is not None else second
+        if steps is None:
+            raise ValueError(f"hpm: objective.total_steps (the run's length) is needed for the {what} schedule")
+        return steps
 
     def hard_ratio(self, step: int) -> float:
+        """α_t = α_0 + (α_T − α_0)·min(1, t/T)."""
         p = self.params
-        return p.hard_ratio_start + (p.hard_ratio_end - p.hard_ratio_start) * min(1.0, step / p.ramp_steps)
+        return p.hard_ratio_start + (p.hard_ratio_end - p.hard_ratio_start) * min(1.0, step / self._horizon("ramp"))
 
+    def momentum(self, step: int) -> float:
+        """The teacher's EMA momentum for the update after optimizer step ``step``."""
+        p = self.params
+        return teacher_momentum(step, self._horizon("momentum"), p.momentum_start, p.momentum_end, p.momentum_schedule)
+
+    # ---- the EMA teacher ---------------------------------------------------------------------------
+    @staticmethod
+    def _pairs(net: nn.Module) -> tuple[list[torch.Tensor], ...]:
+        """(teacher params, online params, teacher buffers, online buffers), matched by name."""
+        out: tuple[list, list, list, list] = ([], [], [], [])
+        for part in ("encoder", "loss_predictor"):
+            online, teacher = getattr(net, part), getattr(net.teacher, part)
+            for i, named in enumerate((nn.Module.named_parameters, nn.Module.named_buffers)):
+                src, dst = dict(named(online)), dict(named(teacher))
+                if src.keys() != dst.keys():
+                    raise ValueError(f"hpm teacher's {part} does not match the online {part}")
+                out[2 * i].extend(dst.values())
+                out[2 * i + 1].extend(src[k] for k in dst)
+        return out
+
+    def _teacher(self, model: nn.Module) -> HPMTeacher:
+        """The model's teacher, in float32 and synced with the online parts on first use (one host sync)."""
+        net = _unwrap(model)
+        if self._teacher_ready is net:
+            return net.teacher
+        if any(hasattr(p, "ds_id") for p in net.parameters()):
+            raise ValueError("hpm's EMA teacher needs whole parameters on every rank: use trainer.zero_stage <= 2")
+        teacher = net.teacher
+        teacher.float()  # DeepSpeed casts the whole module under bf16/fp16
+        if not bool(teacher.synced):
+            t_par, s_par, t_buf, s_buf = self._pairs(net)
+            with torch.no_grad():
+                for t, s in zip(t_par + t_buf, s_par + s_buf, strict=True):
+                    t.copy_(s)
+                teacher.synced.fill_(1)
+        self._teacher_ready = net
+        return teacher
+
+    def update_teacher(self, model: nn.Module, step: int) -> None:
+        """One EMA update of ``model``'s teacher towards its online encoder and loss predictor, with the
+        momentum of optimizer step ``step``."""
+        net = _unwrap(model)
+        self._teacher(net)
+        t_par, s_par, t_buf, s_buf = self._pairs(net)
+        ema_update_(t_par, s_par, self.momentum(step))
+        with torch.no_grad():
+            for t, s in zip(t_buf, s_buf, strict=True):
+                t.copy_(s)
+
+    def set_step(self, step: int) -> None:
+        """Before training step ``step``: update the teacher for the optimizer step just taken (if a training
+        ``loss`` call happened since the last update), then set t of the ramps (and stop counting ``loss``
+        calls)."""
+        if self._online is not None and self._stepped:
+            self.update_teacher(self._online, self.step)
+        self._stepped = False
+        self.step, self._step_set = int(step), True
+
+    # ---- masking and the loss ----------------------------------------------------------------------
     def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
         g = A.default_generator(generator)
         x = self._augment(batch, g)
@@ -157,11 +324,8 @@ class HPM(MAE):
 
     @torch.no_grad()
     def predicted_losses(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """The loss predictor's score for every patch of the unmasked images: (B, L)."""
-        B, L = images.shape[0], self._bound().num_patches
-        latent = call(model, "encoder", images)
-        identity = torch.arange(L, device=images.device).expand(B, L)
-        return call(model, "loss_predictor", latent, identity)[..., 0].float()
+        """The EMA teacher's predicted loss for every patch of the unmasked images: (B, L)."""
+        return self._teacher(model)(images)
 
     def hard_masks(self, scores: torch.Tensor, noise: torch.Tensor, alpha: float):
         """Masks with the ⌊α·n_masked⌉ highest-scoring patches masked, the rest of the masked set at random."""
@@ -174,11 +338,14 @@ class HPM(MAE):
 
     def loss_terms(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``{"recon", "rank", "mask", "alpha"}``: the two losses of one step (before weighting), the mask used
-        and α_t. Advances the step counter in training mode unless :meth:`set_step` is in use."""
+        and α_t. In training mode, records the model for the next teacher update and advances the step
+        counter unless :meth:`set_step` is in use."""
         images = batch["images"]
         alpha = self.hard_ratio(self.step)
-        if model.training and not self._step_set:
-            self.step += 1
+        if model.training:
+            self._online, self._stepped = model, True
+            if not self._step_set:
+                self.step += 1
         scores = self.predicted_losses(model, images)
         ids_keep, ids_restore, mask = self.hard_masks(scores, batch["noise"], alpha)
         masked = {"images": images, "ids_keep": ids_keep, "ids_restore": ids_restore}

@@ -10,7 +10,7 @@ Parts per objective (all have ``encoder``, a :class:`models.vit.ViTEncoder`):
 | objective | other parts |
 |---|---|
 | ``mae`` | ``decoder`` (:class:`models.vit.MAEDecoder`) |
-| ``hpm`` | ``decoder``, ``loss_predictor`` (an ``MAEDecoder`` with one output per patch) |
+| ``hpm`` | ``decoder``, ``loss_predictor`` (an ``MAEDecoder`` with one output per patch), ``teacher`` (:class:`objectives.vision.masked.HPMTeacher`: frozen EMA copies of ``encoder`` and ``loss_predictor``) |
 | ``simclr``, ``barlow_twins``, ``mixed_barlow_twins`` | ``projector`` (:class:`models.heads.ProjectionHead`) |
 | ``amcl`` | ``projectors`` (:class:`models.heads.MultiHeadProjector`), ``temperature`` (:class:`models.heads.PairTemperature`) |
 | ``clip`` | ``image_proj`` (Linear), ``text_encoder`` (:class:`models.vit.TextEncoder`), ``logit_scale`` (:class:`models.heads.LogitScale`) |

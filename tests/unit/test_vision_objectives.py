@@ -28,7 +28,7 @@ SMALL_HEADS = {
     "mixed_barlow_twins": dict(proj_hidden_dim=32, proj_dim=16),
     "clip": dict(n_classes=4, embed_dim=16, text_d_model=16, text_n_layers=1, text_n_heads=2),
     "mae": {},
-    "hpm": dict(ramp_steps=10),
+    "hpm": dict(total_steps=10),
 }
 
 
@@ -197,7 +197,7 @@ def test_amcl_reduces_to_heads_times_nt_xent_with_a_constant_temperature():
     C, n, d = 3, 5, 4
     z1, z2 = torch.randn(C, n, d, generator=g), torch.randn(C, n, d, generator=g)
     zeros = torch.zeros(C, n, 2)  # φ = 0 -> τ = τ_min + (τ_max − τ_min)/2 everywhere
-    loss = VF.amcl_nt_xent(z1, z2, zeros, zeros, tau_min=0.1, tau_max=0.5, beta=0.0)
+    loss = VF.amcl_nt_xent(z1, z2, zeros, zeros, tau_min=0.1, tau_max=0.5, beta=0.0, normalizer="softmax")
     expect = sum(VF.nt_xent(z1[c], z2[c], temperature=0.3) for c in range(C))
     assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
 
@@ -332,7 +332,7 @@ def test_clip_captions_tokens_and_capped_scale():
 
 def test_build_model_parts_and_errors():
     expect = {
-        "mae": ["encoder", "decoder"], "hpm": ["encoder", "decoder", "loss_predictor"],
+        "mae": ["encoder", "decoder"], "hpm": ["encoder", "decoder", "loss_predictor", "teacher"],
         "simclr": ["encoder", "projector"], "amcl": ["encoder", "projectors", "temperature"],
         "barlow_twins": ["encoder", "projector"], "mixed_barlow_twins": ["encoder", "projector"],
         "clip": ["encoder", "image_proj", "text_encoder", "logit_scale"],
