@@ -8,7 +8,7 @@ probing attributes:
 | :meth:`required_special_tokens` | driver and worker | none | ``mlm``, ``span_corruption``, ``ul2`` |
 | :meth:`check_data` | driver, before Ray starts | nothing to check | token objectives (special tokens), ``self_distillation`` (teacher) |
 | :meth:`fill_params` | driver, after the data checks | params unchanged | ``clip`` (classes from the data) |
-| :meth:`set_step` | worker, before every step | no-op | ``hpm`` (the easy-to-hard ramp) |
+| :meth:`set_step` | worker, before every step | no-op | ``hpm`` (the easy-to-hard ramp, the EMA teacher's update) |
 | :meth:`reduce_metrics` | worker, at every logging step | metrics unchanged | ``ul2`` (per-denoiser cross-entropy) |
 | :meth:`class_text_embeddings` | worker, at evaluation | ``None`` (no text tower) | ``clip`` (zero-shot probe) |
 """

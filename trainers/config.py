@@ -176,6 +176,25 @@ class RunConfig(_Strict):
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_budget(cls, raw: Any) -> Any:
+        """Objectives with a ``total_steps`` parameter (HPM's ramps) span the whole run by default, as
+        schedules do: it defaults to ``trainer.max_steps``."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("objective"), dict):
+            return raw
+        import objectives
+
+        obj = raw["objective"]
+        try:
+            fields = objectives.params_model(obj.get("name", "causal_lm")).model_fields
+        except ValueError:
+            return raw  # an unknown name: _check_families reports it
+        if "total_steps" in fields and obj.get("total_steps") is None:
+            max_steps = (raw.get("trainer") or {}).get("max_steps", TrainerSpec.model_fields["max_steps"].default)
+            raw = {**raw, "objective": {**obj, "total_steps": max_steps}}
+        return raw
+
     @model_validator(mode="after")
     def _check_families(self) -> RunConfig:
         # Validate the named families here so a bad name/parameter fails on the driver.
