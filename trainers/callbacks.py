@@ -132,7 +132,7 @@ class Checkpointer(Callback):
             self.save(trainer, step)
 
     def save(self, trainer: Trainer, step: int) -> None:
-        from trainers.checkpoint import save_checkpoint
+        from trainers.checkpoint import save_checkpoint, save_rng
 
         t, st = trainer.cfg.trainer, trainer.state
         pos = trainer.batches.position()
@@ -146,6 +146,7 @@ class Checkpointer(Callback):
         metrics.update(trainer.step_evals or {})
         with tempfile.TemporaryDirectory(prefix="rpt-ckpt-") as tmp:
             save_checkpoint(trainer.engine, tmp, state=st, zero_stage=t.zero_stage, export=trainer.work.export)
+            save_rng(tmp, trainer.rank, trainer.gen)
             trainer.ctx.report(metrics, Path(tmp))
         committed = trainer.batches.take_committed()
         for cb in trainer.callbacks:

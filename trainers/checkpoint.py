@@ -5,6 +5,7 @@ One checkpoint folder (one ``ray.train.report``) holds:
 - ``ds/``: DeepSpeed engine state, one file set per rank (module, optimizer shards; no LR scheduler: the LR is a
   pure function of the step and the configured schedule);
 - ``train_state.json``: step, tokens seen, data position, schedule name + parameters, config, MLflow run;
+- ``rng-rank<r>.pt``: each rank's random state (Python, NumPy, torch, the loop's generator);
 - export files, consolidated weights written by rank 0 for export and the model registry:
   ``model.safetensors`` + ``model_config.json`` + ``tokenizer.json`` (decoder LM) or
   ``encoder.safetensors`` + ``vit_config.json`` + ``image_processor.json`` (+ the whole vision model;
@@ -57,6 +58,43 @@ class TrainState:
         pos = d.get("data_position")
         d["data_position"] = DataPosition.from_dict(pos) if pos else None
         return cls(**d)
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def save_rng(directory: str | Path, rank: int, generator: torch.Generator) -> None:
+    """This rank's random state: Python's, NumPy's, torch's (CPU, and CUDA when present) and the loop's own
+    generator (the objectives' masks and views), so a restarted run draws what an undisturbed one would."""
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, Path(directory, rng_file(rank)))
+
+
+def load_rng(directory: str | Path, rank: int, generator: torch.Generator) -> bool:
+    """Restore what :func:`save_rng` wrote for ``rank``; False when the checkpoint has none (older ones)."""
+    import random
+
+    import numpy as np
+
+    path = Path(directory, rng_file(rank))
+    if not path.is_file():
+        return False
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
 
 
 def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:

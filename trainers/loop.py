@@ -29,7 +29,7 @@ import torch
 from data.stream import StreamPlan
 from trainers.batches import PlannedBatches
 from trainers.callbacks import Callback, Checkpointer, Evaluator, StepOutput, TrainLogger
-from trainers.checkpoint import TrainState, load_checkpoint
+from trainers.checkpoint import TrainState, load_checkpoint, load_rng
 from trainers.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -109,12 +109,14 @@ class Trainer:
         ``trainer.resume_from`` (a new run continuing another run's full state: a new task, an anneal branch)."""
         t = self.cfg.trainer
         with self.ctx.latest_checkpoint() as own:
-            if own is not None:
-                self.state = load_checkpoint(self.engine, own)
-            elif t.resume_from:
-                self.state = load_checkpoint(self.engine, t.resume_from)
-            else:
+            src = own if own is not None else t.resume_from
+            if src is None:
                 return
+            self.state = load_checkpoint(self.engine, src)
+            pos = self.state.data_position
+            continues = own is not None or t.resume_data_position  # not a new task (which seeds its own)
+            if continues and (pos is None or pos.world_size == self.world):
+                load_rng(src, self.rank, self.gen)  # the same random draws as an undisturbed run
         self._note_schedule_change()
         if own is None and not t.resume_data_position:
             return  # a new task: step, optimizer and LR go on, the data starts at the new stream's beginning

@@ -106,9 +106,9 @@ class SeenRows(Callback):
 
 
 def make(tokens, val_path, tmp: Path, *, max_steps: int, start_step: int = 0, start_rows: int = 0,
-         resume_from: Path | None = None, callbacks=()):
+         resume_from: Path | None = None, callbacks=(), objective: str = "causal_lm"):
     cfg = validate_config({
-        "name": "loop-unit", "seed": 3, "data": {"path": str(tmp), "eval_rows": 32},
+        "name": "loop-unit", "seed": 3, "data": {"path": str(tmp), "eval_rows": 32}, "objective": {"name": objective},
         "model": {"preset": "debug"}, "schedule": {"name": "cosine", "warmup_steps": 2, "min_ratio": 0.1},
         "optimizer": {"lr_peak": 3e-3},
         "trainer": {"num_workers": 1, "zero_stage": 0, "max_steps": max_steps, "micro_batch_size": 4,
@@ -119,7 +119,8 @@ def make(tokens, val_path, tmp: Path, *, max_steps: int, start_step: int = 0, st
     stream = StreamPlan(shards, seed=7, start=start_rows, count=count)
     plan = FitPlan(kind="text", streams={"train": stream.to_dict()}, start_step=start_step, tracking_uri="",
                    mlflow_run_id=None, eval_shards={"val": [str(val_path)]},
-                   data={"tokenizer_path": str(val_path), "vocab_size": VOCAB, "seq_len": SEQ, "special_tokens": {},
+                   data={"tokenizer_path": str(val_path), "vocab_size": VOCAB, "seq_len": SEQ,
+                         "special_tokens": {"<e>": 0, "<p>": 1, "<|mask|>": VOCAB - 1},
                          "eos_id": 0, "pad_id": 1, "tokenizer_config": {"eos_token": "<e>"}})
     ctx = FakeContext(tokens, stream, tmp / "ckpts", resume_from)
     (tmp / "ckpts").mkdir(parents=True, exist_ok=True)
@@ -165,3 +166,17 @@ def test_loop_refuses_rows_that_are_not_the_plan(process_group, rows, tmp_path):
     ctx.ids = ctx.ids[::-1].copy()  # the stream delivers other rows than planned
     with pytest.raises(RuntimeError, match="diverged from the plan"):
         trainer.fit()
+
+
+def test_resumed_fit_draws_the_same_masks(process_group, rows, tmp_path):
+    """MLM draws its masks from the loop's generator: a fit resumed from its step-4 checkpoint (which holds
+    every rank's random state) logs exactly the uninterrupted fit's losses at steps 5-8."""
+    tokens, val = rows
+    full, ctx, _ = make(tokens, val, tmp_path / "full", max_steps=8, objective="mlm")
+    full.fit()
+    assert (Path(ctx.reports[0]["path"]) / "rng-rank0.pt").is_file()
+    resumed, _, _ = make(tokens, val, tmp_path / "resumed", max_steps=8, objective="mlm",
+                         resume_from=ctx.reports[0]["path"])
+    resumed.fit()
+    for step in range(5, 9):
+        assert resumed.sink.logged["train/loss"][step] == full.sink.logged["train/loss"][step], step
