@@ -1,6 +1,6 @@
 """The loop's cadences as callbacks: training metrics, evaluation, checkpoints.
 
-:class:`trainers.loop.Trainer` runs ``[*extra, TrainLogger, Evaluator, Checkpointer]`` at the end of every
+:class:`trainers.loop.Trainer` runs ``[*extra, NonFiniteGuard, TrainLogger, Evaluator, Checkpointer]`` at the end of every
 optimizer step; extra callbacks (tests: fault injection, row audits) come first and see the same hooks.
 """
 
@@ -44,6 +44,38 @@ class Callback:
     def on_checkpoint(self, trainer: Trainer, step: int, committed: dict[str, np.ndarray]) -> None:
         """After the checkpoint of ``step`` was persisted; ``committed`` are the row ids (per stream) it
         committed since the previous checkpoint."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class NonFiniteGuard(Callback):
+    """Stops the run at a non-finite training loss before anything of it is checkpointed or registered.
+
+    The first bad step is kept on the device (no per-step host sync); it is read every
+    ``trainer.nonfinite_check_every`` steps and always before a checkpoint step, so a checkpoint never holds
+    a diverged model. Runs before the other built-in callbacks.
+    """
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=trainer.device)
+
+    def on_step_end(self, trainer: Trainer, step: int, out: StepOutput) -> None:
+        t = trainer.cfg.trainer
+        if t.on_nonfinite == "ignore":
+            return
+        bad = ~torch.isfinite(out.loss_sum)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+        if due(step, t.nonfinite_check_every, t.max_steps) or due(step, t.checkpoint_every, t.max_steps):
+            first = int(self.first_bad)
+            if first >= 0:
+                raise NonFiniteLoss(
+                    f"rank {trainer.rank}: the training loss is not finite (NaN or inf) at step {first}; the run "
+                    f"stops (trainer.on_nonfinite=stop) and keeps its last complete checkpoint. Check the start "
+                    f"model (trainer.init_from) for NaN weights, or lower optimizer.lr_peak "
+                    f"({trainer.cfg.optimizer.lr_peak}) / enable trainer.grad_clip"
+                )
 
 
 def due(step: int, every: int, last: int) -> bool:

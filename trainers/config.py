@@ -135,6 +135,12 @@ class TrainerSpec(_Strict):
         True, description="with resume_from: continue its data position (False: a new task's data from its start)"
     )
     data_loader_prefetch: int = Field(2, ge=0)
+    on_nonfinite: Literal["stop", "ignore"] = Field(
+        "stop", description="a NaN/inf training loss: stop the run (nothing further is checkpointed or registered)"
+    )
+    nonfinite_check_every: int = Field(
+        1, ge=1, description="steps between host checks of the on-device finite flag (1 is cheap on CPU)"
+    )
 
     @property
     def rows_per_step(self) -> int:

@@ -6,7 +6,7 @@
     for each optimizer step:
         LR = lr_peak * schedule(step); objective.set_step(step)
         for each micro-batch: parts = planned streams' next rows (checked); loss = objective(engine, parts)
-        callbacks: [*extra, TrainLogger, Evaluator, Checkpointer]
+        callbacks: [*extra, NonFiniteGuard, TrainLogger, Evaluator, Checkpointer]
 
 Everything data-kind specific comes from the workload (:mod:`trainers.workloads`), everything
 objective-specific from the objective's hooks (:mod:`objectives.hooks`), the schedule is a pure function
@@ -28,7 +28,7 @@ import torch
 
 from data.stream import StreamPlan
 from trainers.batches import PlannedBatches
-from trainers.callbacks import Callback, Checkpointer, Evaluator, StepOutput, TrainLogger
+from trainers.callbacks import Callback, Checkpointer, Evaluator, NonFiniteGuard, StepOutput, TrainLogger
 from trainers.checkpoint import TrainState, load_checkpoint, load_rng
 from trainers.config import RunConfig
 
@@ -94,7 +94,7 @@ class Trainer:
         if "replay" in streams:
             micro["replay"] = plan.replay_per_micro
         self.batches = PlannedBatches(streams, micro, rank=self.rank, world=self.world)
-        self.callbacks = [*callbacks, TrainLogger(), Evaluator(), Checkpointer()]
+        self.callbacks = [*callbacks, NonFiniteGuard(), TrainLogger(), Evaluator(), Checkpointer()]
         self.last_train_loss: float | None = None
         self.step_evals: dict[str, float] | None = None
         self.loop_start = time.perf_counter()

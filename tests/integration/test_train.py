@@ -131,3 +131,26 @@ def test_worker_failure_restarts_without_repeating_or_skipping_rows(ray_session,
         per_rank.append(got)
     allrows = np.concatenate(per_rank)
     assert len(np.unique(allrows)) == len(allrows) == 2 * 24 * 8  # every row of the covered range exactly once
+
+
+def test_nan_start_model_stops_the_run_fails_it_and_registers_nothing(ray_session, debug_data, tmp_path, tracking_uri):
+    import mlflow
+
+    import models
+    from models.io import save_pretrained
+
+    cfg_m = models.resolve_config("debug", vocab_size=1024, max_seq_len=64)
+    bad = models.build(cfg_m)
+    with torch.no_grad():
+        bad.norm.weight.fill_(float("nan"))
+    save_pretrained(bad, cfg_m, tmp_path / "nan-model")
+    cfg = debug_cfg(debug_data, tmp_path, "name=nan-run", "tracking.registered_model=nan-run", "trainer.max_steps=6",
+                    f"trainer.init_from={tmp_path / 'nan-model'}", "trainer.checkpoint_every=3")
+    with pytest.raises(Exception, match="not finite") as e:
+        run_train(cfg, tracking_uri=tracking_uri)
+    assert "at step 1;" in str(e.value)
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("ray-pretrain-debug").experiment_id])
+    assert [r.info.status for r in runs if r.info.run_name == "nan-run"] == ["FAILED"]
+    assert not client.search_registered_models("name = 'nan-run'")
+    assert not list(Path(cfg.storage_path, "nan-run").glob("checkpoint_*"))  # the diverged model was never saved

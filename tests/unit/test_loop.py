@@ -106,12 +106,12 @@ class SeenRows(Callback):
 
 
 def make(tokens, val_path, tmp: Path, *, max_steps: int, start_step: int = 0, start_rows: int = 0,
-         resume_from: Path | None = None, callbacks=(), objective: str = "causal_lm"):
+         resume_from: Path | None = None, callbacks=(), objective: str = "causal_lm", init_from: str | None = None):
     cfg = validate_config({
         "name": "loop-unit", "seed": 3, "data": {"path": str(tmp), "eval_rows": 32}, "objective": {"name": objective},
         "model": {"preset": "debug"}, "schedule": {"name": "cosine", "warmup_steps": 2, "min_ratio": 0.1},
         "optimizer": {"lr_peak": 3e-3},
-        "trainer": {"num_workers": 1, "zero_stage": 0, "max_steps": max_steps, "micro_batch_size": 4,
+        "trainer": {"num_workers": 1, "zero_stage": 0, "max_steps": max_steps, "micro_batch_size": 4, "init_from": init_from,
                     "log_every": 1, "eval_every": 4, "checkpoint_every": 4},
     })
     shards = (Shard(path="memory", rows=ROWS, row_id_start=0),)
@@ -180,3 +180,22 @@ def test_resumed_fit_draws_the_same_masks(process_group, rows, tmp_path):
     resumed.fit()
     for step in range(5, 9):
         assert resumed.sink.logged["train/loss"][step] == full.sink.logged["train/loss"][step], step
+
+
+def test_nonfinite_loss_stops_the_run_before_a_checkpoint(process_group, rows, tmp_path):
+    """A start model with NaN weights: the run stops at step 1 naming the step and the fix; nothing is
+    checkpointed (so nothing can be registered)."""
+    import models
+    from models.io import save_pretrained
+    from trainers.callbacks import NonFiniteLoss
+
+    cfg = models.resolve_config("debug", vocab_size=VOCAB, max_seq_len=SEQ)
+    bad = models.build(cfg)
+    with torch.no_grad():
+        bad.norm.weight.fill_(float("nan"))  # every logit NaN from the first step
+    save_pretrained(bad, cfg, tmp_path / "nan-model")
+    tokens, val = rows
+    trainer, ctx, _ = make(tokens, val, tmp_path / "run", max_steps=8, init_from=str(tmp_path / "nan-model"))
+    with pytest.raises(NonFiniteLoss, match="not finite .* at step 1;.*trainer.init_from"):
+        trainer.fit()
+    assert ctx.reports == []
