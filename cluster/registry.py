@@ -79,16 +79,18 @@ def pull(uri: str, dest: str | Path, *, tracking_uri: str | None = None) -> Path
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_normalise_uri(uri), dst_path=tmp))
         folders = [p.parent for k in workloads.available() for p in local.rglob(workloads.get(k).export_marker)]
         if not folders:
             raise FileNotFoundError(f"{uri} holds no model export: it was not registered by ray-pretrain")
         src = folders[0]
-        for f in _spec_of(src, uri).registry_files(src):
-            if not (src / f).is_file():
-                raise FileNotFoundError(f"{uri} holds no {f}: it was not registered by ray-pretrain")
+        files = _spec_of(src, uri).registry_files(src)
+        missing = [f for f in files if not (src / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{uri} holds no {missing}: it was not registered by ray-pretrain")
+        dest.mkdir(parents=True, exist_ok=True)  # only once everything is here: a failed pull leaves no folder
+        for f in files:
             shutil.copy(src / f, dest / f)
     return dest
 

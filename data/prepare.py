@@ -281,6 +281,12 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
             f"out_dir {str(out_dir)!r} already exists and is not empty; choose another out_dir or set "
             "overwrite=True (`rpt data prepare --overwrite`) to replace it"
         )
+    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+        # --overwrite replaces a prepared folder, never a folder of the user's that prepare did not write
+        raise FileExistsError(
+            f"out_dir {str(out_dir)!r} holds files but no manifest.json: it was not written by `rpt data prepare`, "
+            "so --overwrite does not replace it (nothing was deleted); choose another data.path"
+        )
 
 
 def _gather_numpy(ds: ray.data.Dataset, columns: list[str], *, select: bool = True) -> dict[str, np.ndarray]:

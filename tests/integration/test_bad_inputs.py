@@ -86,3 +86,19 @@ def test_rpt_train_exits_nonzero_before_ray(tmp_path):
 def test_image_objective_on_token_shards_is_refused(data_copy):
     with pytest.raises(ConfigError, match="trains a ViT on images, but data.path=.* holds token shards"):
         check_data(cfg_for(data_copy, "objective={name: mae}"))
+
+
+def test_models_pull_never_overwrites_and_leaves_nothing_on_failure(tmp_path, tracking_uri):
+    def pull(dest: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cluster.cli", "models", "pull", "nope@current", str(dest),
+                               "--tracking-uri", tracking_uri, *extra], capture_output=True, text=True, timeout=120)
+
+    r = pull(tmp_path / "new")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "new").exists()  # a failed pull leaves no folder behind
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    r = pull(mine, "--format", "hf")
+    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"

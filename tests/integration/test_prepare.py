@@ -278,6 +278,13 @@ def test_overwrite_and_corrupt_shard(ray_local, corpora, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    # --overwrite never deletes a folder that prepare did not write (no manifest.json)
+    with pytest.raises(FileExistsError, match=r"no manifest.json.*nothing was deleted"):
+        prepare(_config(corpora["parquet"], out, overwrite=True, max_documents=15, val_fraction=0.0), progress=False)
+    assert (out / "stale.txt").read_text() == "old"
+    (out / "stale.txt").unlink()
+    prepare(_config(corpora["folder"], out, max_documents=5), progress=False)
+    (out / "stale.txt").write_text("old")  # a prepared folder (with a stray file) is replaced whole
     prepare(
         _config(corpora["parquet"], out, overwrite=True, max_documents=15, val_fraction=0.0), progress=False
     )
