@@ -29,9 +29,10 @@ err = Console(stderr=True)
 OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. trainer.max_steps=50 model.preset=debug")
 
 
-def _fail(e: BaseException) -> None:
+def _fail(e: BaseException, code: int = 2) -> None:
+    """One paragraph on stderr, no traceback; exit 2 for bad input, 1 for a run that failed."""
     err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def _load(path: str, overrides: list[str] | None):
@@ -93,14 +94,16 @@ def train(
     """Train one run: Ray Data shards -> Ray Train + DeepSpeed -> MLflow run and registered model."""
     from cluster.config import ConfigError
     from cluster.tracking import ui_hint
-    from cluster.train import run_train
+    from cluster.train import TrainingError, run_train
 
     cfg = _load(config, overrides)
     try:
         out = run_train(cfg, address=address, resume=resume, tracking_uri=tracking_uri, register=register,
-                        dashboard=dashboard)
+                        dashboard=dashboard, console=console)
     except ConfigError as e:
         _fail(e)
+    except TrainingError as e:
+        _fail(e, code=1)
     m = out.metrics
     console.print(f"[bold green]done[/] run [bold]{out.run_name}[/]  step {m.get('step')}  "
                   f"train/loss {m.get('train/loss', float('nan')):.4f}  val/loss {m.get('val/loss', float('nan')):.4f}"
@@ -221,12 +224,15 @@ def continual(
     """Continual pre-training: train the config's tasks in order, fill L[i][j], register each task's model."""
     from cluster.config import ConfigError
     from cluster.continual import load_continual, run_continual
+    from cluster.train import TrainingError
 
     try:
         cfg = load_continual(config, overrides or [])
         res = run_continual(cfg, tracking_uri=tracking_uri, address=address)
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
+    except TrainingError as e:
+        _fail(e, code=1)
     names = res["tasks"]
     console.print("L[i][j] = val loss on task j after task i")
     console.print("after \\ on  " + "  ".join(f"{n:>8}" for n in names))
@@ -273,12 +279,15 @@ def anneal(
     from cluster.anneal import run_anneal
     from cluster.config import ConfigError
     from cluster.tracking import resolve_tracking_uri
+    from cluster.train import TrainingError
 
     uri = resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri)
     try:
         out = run_anneal(source, steps=steps, overrides=overrides or [], alias=alias, tracking_uri=uri, address=address)
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
+    except TrainingError as e:
+        _fail(e, code=1)
     console.print(f"[bold green]annealed[/] run [bold]{out.run_name}[/]  val/loss {out.metrics.get('val/loss', float('nan')):.4f}")
     console.print(f"model: models:/{out.model_name}/{out.model_version}  (alias @{alias})")
 

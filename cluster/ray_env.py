@@ -34,7 +34,10 @@ def init_ray(address: str | None = None, *, cpus_needed: float = 0.0, dashboard:
         return
     physical = os.cpu_count() or 1
     num_cpus = max(physical, int(cpus_needed + 2 + 0.999))
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env)
+    # Worker output (per-step library warnings, a failed worker's traceback) stays in Ray's session logs; the
+    # driver prints progress lines and, on failure, one paragraph. RPT_WORKER_LOGS=1 forwards it again.
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env,
+             log_to_driver=os.environ.get("RPT_WORKER_LOGS") == "1")
 
 
 def _has_cuda() -> bool:

@@ -25,7 +25,8 @@ from trainers.workloads import DataFacts
 log = logging.getLogger(__name__)
 RUN_FILE = "rpt_run.json"  # in the Ray run folder: links it to its MLflow run
 
-__all__ = ["RUN_FILE", "TrainOutcome", "check_data", "fill_from_data", "replay_rows_per_micro", "run_train"]
+__all__ = ["RUN_FILE", "TrainOutcome", "TrainingError", "check_data", "fill_from_data", "replay_rows_per_micro",
+           "run_train"]
 
 
 @dataclass
@@ -37,6 +38,34 @@ class TrainOutcome:
     model_version: int | None
     metrics: dict[str, Any]
     tracking_uri: str
+
+
+class TrainingError(RuntimeError):
+    """A fit failed inside the Ray workers: one paragraph (what, where, the fix), the full traceback in a file."""
+
+    def __init__(self, message: str, log_path: Path):
+        super().__init__(f"{message} Full traceback: {log_path}")
+        self.log_path = log_path
+
+
+def translate_worker_error(e: BaseException, run_name: str, log_dir: Path) -> TrainingError:
+    """Ray Train's failure (per-rank tracebacks, 100+ lines) as one paragraph naming the run, the rank and the
+    worker's own message (whose text names the fix); the whole text goes to ``log_dir/error.log``."""
+    import traceback
+
+    failures = getattr(e, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        cause = failures[rank]
+        cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's exception
+        where = f"on rank {rank} ({type(cause).__name__})"
+        what = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+    else:
+        where, what = f"({type(e).__name__})", str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "error.log"
+    log_path.write_text("".join(traceback.format_exception(e)) + "\n" + str(e) + "\n")
+    return TrainingError(f"training run {run_name!r} failed {where}: {what}", log_path)
 
 
 @dataclass
@@ -221,9 +250,11 @@ def run_train(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     callbacks: Sequence[Any] = (),
+    console: Any = None,
 ) -> TrainOutcome:
     """Train ``cfg`` on Ray; ``callbacks`` (:class:`trainers.callbacks.Callback`, picklable) join the
-    workers' loop (tests: fault injection, row audits)."""
+    workers' loop (tests: fault injection, row audits); with a ``rich`` ``console``, a progress line per
+    logging step (:mod:`cluster.progress`)."""
     from mlflow import MlflowClient
 
     from cluster.ray_env import init_ray
@@ -243,7 +274,16 @@ def run_train(
     init_ray(address, cpus_needed=t.num_workers * t.cpus_per_worker, dashboard=dashboard)
     client = MlflowClient(uri)
     try:
-        result = _fit(cfg, facts, start, storage, uri, run_id, callbacks)
+        with _progress(console, uri, run_id, start.step, t.max_steps):
+            result = _fit(cfg, facts, start, storage, uri, run_id, callbacks)
+    except TrainingError as e:
+        client.set_tag(run_id, "rpt.error", str(e)[:5000])
+        client.log_artifact(run_id, str(e.log_path))
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, status="KILLED")
+        raise
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -258,9 +298,21 @@ def run_train(
     return TrainOutcome(start.name, run_id, ckpt_path, model_name, version, dict(result.metrics or {}), uri)
 
 
+def _progress(console: Any, uri: str, run_id: str, start_step: int, max_steps: int):
+    import contextlib
+
+    from cluster.progress import ProgressPrinter
+
+    if console is None:
+        return contextlib.nullcontext()
+    return ProgressPrinter(uri, run_id, start_step=start_step, max_steps=max_steps, console=console)
+
+
 def _fit(cfg: RunConfig, facts: DataFacts, start: FitStart, storage: Storage, uri: str, run_id: str,
          callbacks: Sequence[Any]):
     """One ``TorchTrainer.fit`` over the planned streams; raises the run's error."""
+    import tempfile
+
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -288,9 +340,13 @@ def _fit(cfg: RunConfig, facts: DataFacts, start: FitStart, storage: Storage, ur
         datasets=datasets,
         dataset_config=PlannedDataConfig(streams, world_size=t.num_workers),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    log_dir = Path(storage.path(start.name)) if not storage.remote else Path(tempfile.mkdtemp(prefix="rpt-error-"))
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except ray.train.TrainingFailedError as e:
+        raise translate_worker_error(e, start.name, log_dir) from None
     return result
 
 

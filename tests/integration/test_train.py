@@ -134,6 +134,13 @@ def test_worker_failure_restarts_without_repeating_or_skipping_rows(ray_session,
 
 
 def test_nan_start_model_stops_the_run_fails_it_and_registers_nothing(ray_session, debug_data, tmp_path, tracking_uri):
+    """Through the CLI: the worker's error reaches the console as one paragraph (no traceback; the full one
+    in the run folder's error.log), the MLflow run ends FAILED with the error as a tag, nothing is
+    checkpointed or registered."""
+    import re
+    import subprocess
+    import sys
+
     import mlflow
 
     import models
@@ -144,13 +151,22 @@ def test_nan_start_model_stops_the_run_fails_it_and_registers_nothing(ray_sessio
     with torch.no_grad():
         bad.norm.weight.fill_(float("nan"))
     save_pretrained(bad, cfg_m, tmp_path / "nan-model")
-    cfg = debug_cfg(debug_data, tmp_path, "name=nan-run", "tracking.registered_model=nan-run", "trainer.max_steps=6",
-                    f"trainer.init_from={tmp_path / 'nan-model'}", "trainer.checkpoint_every=3")
-    with pytest.raises(Exception, match="not finite") as e:
-        run_train(cfg, tracking_uri=tracking_uri)
-    assert "at step 1;" in str(e.value)
+    results = tmp_path / "results"
+    r = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "train", str(REPO / "configs/debug-lm.yaml"), f"data.path={debug_data}",
+         f"storage_path={results}", f"tracking.artifact_root={tmp_path / 'artifacts'}", "name=nan-run",
+         "tracking.registered_model=nan-run", "trainer.max_steps=6", "trainer.checkpoint_every=3",
+         f"trainer.init_from={tmp_path / 'nan-model'}", "--tracking-uri", tracking_uri],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert re.search(r"error: training run 'nan-run' failed on rank \d \(NonFiniteLoss\): .*not finite.* at step 1;", err), err[-2000:]
+    assert "trainer.init_from" in err and "Traceback" not in r.stderr
+    assert (results / "nan-run" / "error.log").is_file() and str(results / "nan-run" / "error.log") in err
     client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("ray-pretrain-debug").experiment_id])
-    assert [r.info.status for r in runs if r.info.run_name == "nan-run"] == ["FAILED"]
+    failed = [x for x in runs if x.info.run_name == "nan-run"]
+    assert [x.info.status for x in failed] == ["FAILED"] and "not finite" in failed[0].data.tags["rpt.error"]
     assert not client.search_registered_models("name = 'nan-run'")
-    assert not list(Path(cfg.storage_path, "nan-run").glob("checkpoint_*"))  # the diverged model was never saved
+    assert not list((results / "nan-run").glob("checkpoint_*"))  # the diverged model was never saved

@@ -44,3 +44,14 @@ def test_schedules_list_prints_the_registry():
 
     result = CliRunner().invoke(app, ["schedules", "list"])
     assert result.exit_code == 0 and result.output.split() == schedules.available()
+
+
+def test_progress_line_shows_step_loss_rate_mfu_wait_and_eta():
+    from cluster.progress import progress_line
+
+    m = {"train/loss": 6.1234, "perf/tokens_per_s": 4590.4, "perf/mfu": 0.543, "data/wait_frac": 0.002,
+         "val/loss": 6.5, "lr": 1e-3}
+    assert progress_line(40, 300, m, 250.0) == (
+        "step 40/300  loss 6.1234  4,590 tokens/s  MFU 0.54  data wait 0.2%  val/loss 6.5000  ETA 4m10s"
+    )
+    assert progress_line(5, 10, {"perf/images_per_s": 12.0}, None) == "step 5/10  12 images/s"
