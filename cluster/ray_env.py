@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 # Train V2 polls workers every 2 s by default; 0.25 s cuts the fixed cost of every fit() by ~5 s.
 WORKER_ENV = {
@@ -36,8 +39,11 @@ def init_ray(address: str | None = None, *, cpus_needed: float = 0.0, dashboard:
     num_cpus = max(physical, int(cpus_needed + 2 + 0.999))
     # Worker output (per-step library warnings, a failed worker's traceback) stays in Ray's session logs; the
     # driver prints progress lines and, on failure, one paragraph. RPT_WORKER_LOGS=1 forwards it again.
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env,
+    # address="local": a private instance even when another local cluster runs or a stale address file
+    # (ray_current_cluster in Ray's temp folder) is left behind; joining one is explicit (--address, RAY_ADDRESS).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env,
              log_to_driver=os.environ.get("RPT_WORKER_LOGS") == "1")
+    log.info("started a private local Ray instance with %d logical CPUs (join a cluster with --address)", num_cpus)
 
 
 def _has_cuda() -> bool:

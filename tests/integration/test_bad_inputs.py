@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -102,3 +103,27 @@ def test_models_pull_never_overwrites_and_leaves_nothing_on_failure(tmp_path, tr
     r = pull(mine, "--format", "hf")
     assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+
+
+def test_a_stale_ray_address_file_does_not_stop_a_local_run(tmp_path):
+    """A leftover ``ray_current_cluster`` (a cluster that is gone) once made every command fail with Ray's
+    "num_cpus and num_gpus must not be provided"; a local command now starts its own instance."""
+    import tempfile
+
+    stale = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    saved = stale.read_text() if stale.is_file() else None
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("127.0.0.1:9")  # nothing listens there
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "data", "prepare", str(REPO / "configs/debug-lm.yaml"),
+             f"data.path={tmp_path / 'prepared'}", "data.prepare.max_documents=12"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "RAY_ADDRESS": ""},
+        )
+    finally:
+        if saved is None:
+            stale.unlink(missing_ok=True)
+        else:
+            stale.write_text(saved)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "prepared" / "manifest.json").is_file()
