@@ -27,6 +27,9 @@ def check_data(cfg: RunConfig) -> DataFacts:
             manifest.verify(root)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
+    _check_val_rows("data.path", cfg.data.path)
+    for name, path in cfg.data.eval_sets.items():
+        _check_val_rows(f"data.eval_sets.{name}", path)
     spec = workloads.for_manifest(manifest)
     obj = objectives.get(cfg.objective.name, **cfg.objective.params)
     wanted = workloads.for_objective(obj)
@@ -47,6 +50,21 @@ def check_data(cfg: RunConfig) -> DataFacts:
     except ValueError as e:
         raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
     return facts
+
+
+def _check_val_rows(field_name: str, path: str) -> None:
+    """Every evaluation set needs rows: the run evaluates at step 0 and every ``trainer.eval_every`` steps."""
+    from data.stream import load_shards
+
+    try:
+        rows = sum(s.rows for s in load_shards(path, "val"))
+    except (FileNotFoundError, KeyError):
+        return  # a missing folder or split is reported by the manifest checks
+    if rows == 0:
+        raise ConfigError(
+            f"{field_name}={path!r} has no validation rows (prepared with data.prepare.val_fraction=0): prepare it "
+            "again with data.prepare.val_fraction > 0 (e.g. 0.05) and --overwrite"
+        )
 
 
 def _mismatch(cfg: RunConfig, spec, wanted) -> str:

@@ -104,6 +104,13 @@ class OptimizerSpec(_Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0.0)
 
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"optimizer.betas={list(v)} is not allowed; allowed: two numbers in [0, 1), e.g. [0.9, 0.95]")
+        return v
+
 
 class TrainerSpec(_Strict):
     """The worker-side loop, the DeepSpeed engine and the Ray Train scaling."""

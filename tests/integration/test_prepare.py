@@ -291,6 +291,12 @@ def test_overwrite_and_corrupt_shard(ray_local, corpora, tmp_path):
     assert not (out / "stale.txt").exists()
     manifest = Manifest.load(out)
     assert manifest.documents.val == 0 and manifest.splits["val"].rows == 0
+    from cluster.config import ConfigError, load_config
+    from cluster.data_check import check_data
+
+    repo = Path(__file__).resolve().parents[2]
+    with pytest.raises(ConfigError, match=r"no validation rows .*val_fraction > 0"):  # on the driver, not in a worker
+        check_data(load_config(repo / "configs/debug-lm.yaml", [f"data.path={out}"]))
     assert manifest.source.documents == 15  # the first 15 rows of the Parquet folder
     assert manifest.source.corpus == str(corpora["parquet"])
 

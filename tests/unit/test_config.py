@@ -136,3 +136,12 @@ def test_cli_exits_nonzero_with_message():
         capture_output=True, text=True, cwd=REPO,
     )
     assert r.returncode == 0 and "max_steps: 7" in r.stdout
+
+
+def test_optimizer_betas_outside_the_unit_interval_fail_on_the_driver():
+    import pytest
+
+    from cluster.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"optimizer.betas=\[0.9, 1.5\] is not allowed; allowed: two numbers in \[0, 1\)"):
+        load_config(REPO / "configs/debug-lm.yaml", ["optimizer.betas=[0.9, 1.5]"])
