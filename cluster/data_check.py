@@ -25,6 +25,8 @@ def check_data(cfg: RunConfig) -> DataFacts:
         manifest = load_any_manifest(root)
         if cfg.data.verify_shards:
             manifest.verify(root)
+        if cfg.data.verify_shards == "full":
+            manifest.verify_rows(root)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
     _check_val_rows("data.path", cfg.data.path)

@@ -48,6 +48,19 @@ class TrainingError(RuntimeError):
         self.log_path = log_path
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception behind Ray's wrappers (``RayTaskError.cause``, Ray Data's ``UserCodeException``
+    raised ``from`` the user's error): the one whose message was written for the user."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(nxt, BaseException):
+            break
+        exc = nxt
+    return exc
+
+
 def translate_worker_error(e: BaseException, run_name: str, log_dir: Path) -> TrainingError:
     """Ray Train's failure (per-rank tracebacks, 100+ lines) as one paragraph naming the run, the rank and the
     worker's own message (whose text names the fix); the whole text goes to ``log_dir/error.log``."""
@@ -56,10 +69,10 @@ def translate_worker_error(e: BaseException, run_name: str, log_dir: Path) -> Tr
     failures = getattr(e, "worker_failures", None) or {}
     if failures:
         rank = min(failures)
-        cause = failures[rank]
-        cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's exception
+        cause = _root_cause(failures[rank])
         where = f"on rank {rank} ({type(cause).__name__})"
-        what = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        # the first line: the worker's message (Ray may append hints of its own below it)
+        what = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     else:
         where, what = f"({type(e).__name__})", str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -323,7 +336,9 @@ def _fit(cfg: RunConfig, facts: DataFacts, start: FitStart, storage: Storage, ur
     t = cfg.trainer
     # One progress bar per rank stream and per epoch is noise in a training log; Ray Data's own
     # progress stays on the dashboard.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.raise_original_map_exception = True  # a damaged shard's error (naming the file) reaches the worker as is
     fit, datasets, streams = plan_fit(cfg, facts, start, uri, run_id)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -197,6 +197,23 @@ class _ManifestFiles:
                     )
                 yield split, shard, path, meta, schema
 
+    def verify_rows(self, directory: str | Path) -> None:
+        """Read every row group of every shard (``data.verify_shards: full``): damage inside a shard whose
+        footer is intact (bytes overwritten, a bad disk block) is found here, naming the file and the rows."""
+        directory = Path(directory)
+        for split, shard, path, meta, _ in self._shard_footers(directory):
+            pf, first = pq.ParquetFile(path), shard.row_id_start
+            for i in range(meta.num_row_groups):
+                n = meta.row_group(i).num_rows
+                try:
+                    pf.read_row_group(i)
+                except (pa.ArrowException, OSError) as exc:
+                    raise ValueError(
+                        f"{split} shard {str(path)!r} is damaged in row group {i} (row ids {first}..{first + n - 1}): "
+                        f"{exc}; {_RERUN}"
+                    ) from exc
+                first += n
+
 
 class Manifest(_ManifestFiles, _Strict):
     """The manifest of a prepared dataset folder; `Manifest.load(dir)` reads and validates it."""

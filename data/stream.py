@@ -177,7 +177,14 @@ class _ReadPieces:
 
         out = []
         for row in batch.to_pylist():
-            table = pq.read_table(row["path"], columns=self.columns)
+            try:
+                table = pq.read_table(row["path"], columns=self.columns)
+            except (pa.ArrowException, OSError) as exc:
+                raise ValueError(
+                    f"training shard {row['path']!r} (row ids {row['lo']}..{row['hi'] - 1}) cannot be read: {exc}; "
+                    "the file is damaged: prepare the data again (rpt data prepare --overwrite) or restore it, and "
+                    "check whole shards before a run with data.verify_shards: full"
+                ) from exc
             out.append(table.slice(row["lo"] - row["first_row_id"], row["hi"] - row["lo"]))
         return pa.concat_tables(out)
 

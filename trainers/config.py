@@ -44,7 +44,9 @@ class DataSpec(_Strict):
         None, description="settings for `rpt data prepare` (corpus, seq_len, vocab_size, ...); out_dir is `path`"
     )
     eval_rows: int = Field(256, ge=1, description="validation rows evaluated at every eval (split over ranks)")
-    verify_shards: bool = Field(True, description="check every shard's Parquet footer on the driver before Ray starts")
+    verify_shards: bool | Literal["full"] = Field(
+        True, description="check every shard's Parquet footer on the driver before Ray starts; full: read every row too"
+    )
     replay: ReplaySpec | None = None
     eval_sets: dict[str, str] = Field(
         default_factory=dict,

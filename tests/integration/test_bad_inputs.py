@@ -127,3 +127,28 @@ def test_a_stale_ray_address_file_does_not_stop_a_local_run(tmp_path):
             stale.write_text(saved)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "prepared" / "manifest.json").is_file()
+
+
+def test_a_damaged_shard_is_named_on_the_driver_and_by_the_workers(data_copy, tmp_path, tracking_uri):
+    """Bytes overwritten inside a shard (its footer intact): the default footer check passes; the run fails
+    with one paragraph naming the file and its rows; ``data.verify_shards: full`` finds it before Ray starts."""
+    import json
+
+    from cluster.train import TrainingError, run_train
+
+    manifest = json.loads((data_copy / "manifest.json").read_text())
+    shards = [data_copy / s["path"] for s in manifest["splits"]["train"]["shards"]]
+    for path in shards:  # every one: whichever the plan reads first is damaged
+        with open(path, "r+b") as f:
+            f.seek(path.stat().st_size // 3)
+            f.write(bytes(range(256)) * 8)
+    shard = shards[0]
+    cfg = load_config(REPO / "configs/debug-lm.yaml", [
+        f"data.path={data_copy}", f"storage_path={tmp_path / 'results'}", f"tracking.artifact_root={tmp_path / 'a'}",
+        "trainer.max_steps=4", "trainer.eval_every=4", "trainer.checkpoint_every=4", "name=damaged",
+    ])
+    check_data(cfg)  # footers only: the damage is inside
+    with pytest.raises(ConfigError, match=rf"{shard.name}.* is damaged in row group 0 \(row ids 0\.\.\d+\)"):
+        check_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"verify_shards": "full"})}))
+    with pytest.raises(TrainingError, match=r"failed on rank \d \(ValueError\): training shard .*part-\d+\.parquet.* cannot be read"):
+        run_train(cfg, tracking_uri=tracking_uri, register=False)
