@@ -177,9 +177,7 @@ def run_continual(
     """Train the task sequence; returns L, the annealed L (anneal_steps > 0), the summary metrics and run ids."""
     from mlflow import MlflowClient
 
-    from cluster.anneal import run_anneal
     from cluster.ray_env import init_ray
-    from cluster.train import run_train
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, tracking_uri)
     init_ray(address, cpus_needed=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker, dashboard=False)
@@ -195,6 +193,16 @@ def run_continual(
         _param("schedule", cfg.schedule["name"]), _param("seed", cfg.seed), _param("tasks", [t.name for t in cfg.tasks]),
         _param("lr_peak", cfg.optimizer.lr_peak), _param("replay", [t.replay_fraction for t in cfg.tasks]),
     ])
+    with tracking.run_status(client, seq):
+        return _train_sequence(cfg, client, seq, uri=uri, address=address, callbacks=callbacks)
+
+
+def _train_sequence(cfg: ContinualConfig, client, seq: str, *, uri: str, address: str | None,
+                    callbacks: Sequence[Any]) -> dict[str, Any]:
+    """Every task (and its anneal branch) in order under the sequence's MLflow run ``seq``; fills ``L``."""
+    from cluster.anneal import run_anneal
+    from cluster.train import run_train
+
     names = [t.name for t in cfg.tasks]
     L: list[list[float]] = []
     L_annealed: list[list[float]] = []
@@ -216,6 +224,12 @@ def run_continual(
             entry.update(annealed_run_id=ann.mlflow_run_id, annealed_version=ann.model_version)
         runs.append(entry)
         previous = out.checkpoint
+    return _log_result(cfg, client, seq, names, L, L_annealed, runs)
+
+
+def _log_result(cfg: ContinualConfig, client, seq: str, names: list[str], L: list[list[float]],
+                L_annealed: list[list[float]], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``L``'s summary metrics (and the annealed ones) and ``continual_result.json`` on the sequence's run."""
     result: dict[str, Any] = {"tasks": names, "L": L, "summary": summary(L), "runs": runs, "run_id": seq,
                               "schedule": cfg.schedule["name"], "seed": cfg.seed}
     if L_annealed:
@@ -225,7 +239,6 @@ def run_continual(
     metrics.update({f"cl/annealed/{k}": v for k, v in result.get("summary_annealed", {}).items()})
     client.log_batch(seq, metrics=[_metric(k, v, len(names) - 1) for k, v in metrics.items()])
     client.log_text(seq, json.dumps(result, indent=2), "continual_result.json")
-    client.set_terminated(seq)
     return result
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -36,3 +38,19 @@ def ui_hint(tracking_uri: str) -> str:
     if tracking_uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {tracking_uri}"
     return f"open {tracking_uri}"
+
+
+@contextlib.contextmanager
+def run_status(client, run_id: str) -> Iterator[None]:
+    """End MLflow run ``run_id`` honestly: FINISHED, FAILED (the error as the tag ``rpt.error``) or KILLED
+    (Ctrl-C) — never left RUNNING by an exception."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, status="KILLED")
+        raise
+    except BaseException as e:
+        client.set_tag(run_id, "rpt.error", str(e)[:5000] or type(e).__name__)
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")

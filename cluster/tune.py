@@ -118,11 +118,9 @@ def _plot_lr_curves(cfg: TuneConfig, out: Path) -> Path:
 def run_tune(cfg: TuneConfig, *, tracking_uri: str | None = None, address: str | None = None) -> dict[str, Any]:
     """Run the grid; returns the per-trial results and the report (also logged to the parent MLflow run)."""
     from mlflow import MlflowClient
-    from ray import tune
 
     from cluster.continual import load_continual, prepare_tasks
     from cluster.ray_env import init_ray
-    from cluster.report import comparison_report
 
     base = load_continual(cfg.continual)
     uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri, tracking_uri)
@@ -133,6 +131,19 @@ def run_tune(cfg: TuneConfig, *, tracking_uri: str | None = None, address: str |
     client = MlflowClient(uri)
     parent = client.create_run(exp_id, run_name=cfg.name, tags={"rpt.tune": cfg.name}).info.run_id
     client.log_text(parent, cfg.model_dump_json(indent=2), "tune_config.json")
+    with tracking.run_status(client, parent):
+        report = _run_trials(cfg, client, parent, uri=uri)
+    report["parent_run_id"] = parent
+    report["tune_dir"] = str(Path(cfg.storage_path).resolve() / cfg.name)
+    return report
+
+
+def _run_trials(cfg: TuneConfig, client, parent: str, *, uri: str) -> dict[str, Any]:
+    """The trials under the parent run, then the comparison report logged to it."""
+    from ray import tune
+
+    from cluster.report import comparison_report
+
     storage = Path(cfg.storage_path).resolve()
     points = cfg.trials()
     param_space = {
@@ -165,7 +176,4 @@ def run_tune(cfg: TuneConfig, *, tracking_uri: str | None = None, address: str |
         _plot_lr_curves(cfg, Path(tmp) / "lr_curves.png")
         for f in Path(tmp).iterdir():
             client.log_artifact(parent, str(f))
-    client.set_terminated(parent)
-    report["parent_run_id"] = parent
-    report["tune_dir"] = str(storage / cfg.name)
     return report

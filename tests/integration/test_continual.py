@@ -209,3 +209,34 @@ def test_continual_mae_over_two_fractal_domains(ray_session, tmp_path):
     embedder, processor = load_model("models:/cl-mae-debug@task-1-annealed", tracking_uri=uri)
     assert processor.objective == "mae"
     assert embedder(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 64)
+
+
+def test_a_failed_task_ends_the_sequence_run_failed(cl_data, tmp_path):
+    """A task that fails (a start model full of NaN) ends the continual parent run FAILED with the error, not
+    RUNNING; nothing of the sequence is registered."""
+    import json
+
+    import mlflow
+    import torch
+
+    import models
+    from cluster.train import TrainingError
+    from models.io import save_pretrained
+
+    vocab = json.loads((cl_data / "prose" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    cfg_m = models.resolve_config("debug", vocab_size=vocab, max_seq_len=64)
+    bad = models.build(cfg_m)
+    with torch.no_grad():
+        bad.norm.weight.fill_(float("nan"))
+    save_pretrained(bad, cfg_m, tmp_path / "nan-start")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = cl_config(cl_data, tmp_path, "name=cl-fail", "tracking.registered_model=cl-fail", "anneal_steps=0",
+                    f"start={tmp_path / 'nan-start'}", "tasks.0.steps=4", "tasks.1.steps=4", "tasks.2.steps=4",
+                    "schedule.cooldown_steps=1", "schedule.warmup_steps=1")
+    with pytest.raises(TrainingError, match="not finite"):
+        run_continual(cfg, tracking_uri=uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    parent = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "cl-fail"]
+    assert [r.info.status for r in parent] == ["FAILED"] and "not finite" in parent[0].data.tags["rpt.error"]
+    assert not client.search_registered_models("name = 'cl-fail'")
