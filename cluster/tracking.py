@@ -17,6 +17,50 @@ def resolve_tracking_uri(configured: str, override: str | None = None) -> str:
     return uri
 
 
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """An ``http(s)://`` tracking server must answer before anything starts: an unreachable one fails in
+    seconds with one line (the MLflow client would retry for minutes); a ``sqlite:///`` store's folder must
+    exist (a mistyped path would silently become a new, empty store)."""
+    import urllib.error
+    import urllib.request
+
+    from trainers.config import ConfigError
+
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise ConfigError(
+                f"tracking URI {tracking_uri!r}: folder {str(folder)!r} does not exist; fix the path "
+                "(tracking.tracking_uri, MLFLOW_TRACKING_URI or --tracking-uri) or create the folder"
+            )
+        return
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).read()
+    except (urllib.error.URLError, OSError) as e:
+        raise ConfigError(
+            f"MLflow tracking server {tracking_uri!r} does not answer ({getattr(e, 'reason', e)}): start it or fix "
+            "tracking.tracking_uri / MLFLOW_TRACKING_URI / --tracking-uri"
+        ) from None
+
+
+def run_tags() -> dict[str, str]:
+    """Provenance tags of a new run: the command line and, inside a git checkout, the commit."""
+    import subprocess
+    import sys
+
+    tags = {"rpt.command": " ".join(sys.argv)[:5000]}
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        if out.returncode == 0:
+            tags["mlflow.source.git.commit"] = out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return tags
+
+
 def resolve_artifact_root(root: str) -> str:
     if "://" in root:
         return root

@@ -207,7 +207,7 @@ def open_tracking(cfg: RunConfig, uri: str, start: FitStart, facts: DataFacts, *
         return start.run_id
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
     client = MlflowClient(uri)
-    run_tags = {"rpt.config_name": cfg.name, "rpt.objective": cfg.objective.name, **(tags or {})}
+    run_tags = {"rpt.config_name": cfg.name, "rpt.objective": cfg.objective.name, **tracking.run_tags(), **(tags or {})}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(exp_id, run_name=start.name, tags=run_tags).info.run_id
@@ -273,6 +273,7 @@ def run_train(
     from cluster.ray_env import init_ray
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, tracking_uri)
+    tracking.check_reachable(uri)
     try:
         storage = resolve_storage(cfg.storage_path)
     except StorageError as e:

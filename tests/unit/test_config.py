@@ -145,3 +145,25 @@ def test_optimizer_betas_outside_the_unit_interval_fail_on_the_driver():
 
     with pytest.raises(ConfigError, match=r"optimizer.betas=\[0.9, 1.5\] is not allowed; allowed: two numbers in \[0, 1\)"):
         load_config(REPO / "configs/debug-lm.yaml", ["optimizer.betas=[0.9, 1.5]"])
+
+
+def test_unreachable_or_mistyped_tracking_uris_fail_in_seconds(tmp_path):
+    import socket
+    import time
+
+    import pytest
+
+    from cluster.config import ConfigError
+    from cluster.tracking import check_reachable
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"127.0.0.1:{port}' does not answer .*tracking.tracking_uri"):
+        check_reachable(f"http://127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 6
+    with pytest.raises(ConfigError, match=r"folder .*no-such-dir' does not exist"):
+        check_reachable(f"sqlite:///{tmp_path / 'no-such-dir' / 'mlruns.db'}")
+    assert not (tmp_path / "no-such-dir").exists()
+    check_reachable(f"sqlite:///{tmp_path / 'mlruns.db'}")  # a new store in an existing folder is fine
