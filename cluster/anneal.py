@@ -27,15 +27,11 @@ def resolve_checkpoint(source: str, tracking_uri: str) -> Path:
         return path
     from mlflow import MlflowClient
 
-    uri = source.removeprefix("models:/")
+    from cluster.registry import model_version
+
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
-        if "@" in uri:
-            name, alias = uri.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, version = uri.split("/", 1)
-            mv = client.get_model_version(name, version)
+        mv = model_version(source, tracking_uri)
     except Exception as e:
         raise ConfigError(f"{source!r} is neither a checkpoint folder nor a registered model version ({e})") from None
     ckpt = client.get_run(mv.run_id).data.tags.get("rpt.checkpoint")

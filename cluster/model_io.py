@@ -16,7 +16,6 @@ from pathlib import Path
 
 from cluster.config import ConfigError
 from models.files import LM_CONFIG, TOKENIZER
-from trainers.checkpoint import TRAIN_STATE
 
 FORMATS = ("hf", "native")
 HF_CONFIG = "config.json"
@@ -34,14 +33,14 @@ def is_hf_folder(path: Path) -> bool:
 def native_folder(source: str | Path) -> Path:
     """The native export folder behind a checkpoint folder, an export folder or a Ray run folder (its latest
     checkpoint); a clear error otherwise."""
+    from cluster.storage import resolve_storage
+
     path = Path(source)
     if (path / LM_CONFIG).is_file():
         return path
-    ckpts = sorted(p for p in path.glob("checkpoint_*") if (p / TRAIN_STATE).is_file() and (p / LM_CONFIG).is_file())
-    if ckpts:
-        from trainers.checkpoint import TrainState
-
-        return max(ckpts, key=lambda p: TrainState.load(p).step)
+    found = resolve_storage(str(path.resolve().parent), create=False).latest_checkpoint(path.name)
+    if found is not None and Path(found[1], LM_CONFIG).is_file():
+        return Path(found[1])
     raise ConfigError(
         f"{str(path)!r} holds no {LM_CONFIG}: give a checkpoint folder, a run folder with checkpoints, or a "
         "folder written by `rpt models pull --format native`"
@@ -160,16 +159,11 @@ def resolve_start(source: str, cache_root: Path, *, tracking_uri: str) -> str:
 
 
 def _registry_version(source: str, tracking_uri: str) -> tuple[str, str]:
-    from mlflow import MlflowClient
+    from cluster.registry import model_version
 
-    uri = source.removeprefix("models:/")
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
-        if "@" in uri:
-            name, alias = uri.split("@", 1)
-            return name, client.get_model_version_by_alias(name, alias).version
-        name, version = uri.split("/", 1)
-        return name, client.get_model_version(name, version).version
+        mv = model_version(source, tracking_uri)
+        return mv.name, mv.version
     except Exception as e:  # MlflowException for unknown names/aliases; ValueError for a malformed URI
         raise ConfigError(f"start model {source!r} is not a registered model version ({e})") from None
 

@@ -66,10 +66,10 @@ class ProgressPrinter:
     def poll(self) -> None:
         from mlflow import MlflowClient
 
-        run = MlflowClient(self.uri).get_run(self.run_id)
+        client = MlflowClient(self.uri)
+        run = client.get_run(self.run_id)
         keys = [k for k in run.data.metrics if k.startswith(("train/loss", "perf/", "data/", "val/", "probe/"))]
         by_step: dict[int, dict[str, float]] = {}
-        client = MlflowClient(self.uri)
         for key in keys:
             for m in client.get_metric_history(self.run_id, key):
                 if m.step > self.start and m.step not in self.seen:

@@ -65,6 +65,20 @@ def register_checkpoint(
     return version
 
 
+def model_version(source: str, tracking_uri: str):
+    """The registered version behind ``models:/NAME@ALIAS``, ``models:/NAME/3``, ``NAME@ALIAS`` or ``NAME/3``
+    (an ``mlflow.entities.model_registry.ModelVersion``); MLflow's own error for an unknown name or alias."""
+    from mlflow import MlflowClient
+
+    uri = source.removeprefix("models:/")
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    if "@" in uri:
+        name, alias = uri.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, version = uri.split("/", 1)  # a ValueError for anything else
+    return client.get_model_version(name, version)
+
+
 def _normalise_uri(uri: str) -> str:
     """``NAME@ALIAS`` / ``NAME/3`` -> ``models:/NAME@ALIAS`` / ``models:/NAME/3``; other URIs unchanged."""
     return uri if ":/" in uri else f"models:/{uri}"

@@ -30,8 +30,6 @@ from torch import nn
 from models.files import ENCODER_WEIGHTS, FULL_WEIGHTS, PROCESSOR, VIT_CONFIG
 from models.vit import ResolvedViTConfig, ViTEncoder
 
-EXPORT_FILES = (ENCODER_WEIGHTS, VIT_CONFIG, PROCESSOR)
-
 
 class ImageProcessor(BaseModel):
     """uint8 (B, C, H, W) -> the float input the encoder was trained on: [0, 1], resized, (x − mean) / std."""

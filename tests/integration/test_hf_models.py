@@ -89,11 +89,12 @@ def test_trained_model_loads_in_transformers(ray_session, debug_data, tmp_path, 
     out = run_train(cfg, tracking_uri=tracking_uri)
     rpt("models", "pull", "hf-export@current", str(tmp_path / "hf"), "--format", "hf", "--tracking-uri", tracking_uri)
     rpt("models", "export", out.checkpoint, str(tmp_path / "hf2"), "--format", "hf")
+    rpt("models", "export", str(Path(out.checkpoint).parent), str(tmp_path / "hf3"), "--format", "hf")  # run folder
     ours, tok = load_model("hf-export@current", tracking_uri=tracking_uri)
     ids = ids_for(1024, seed=1)
     with torch.no_grad():
         ref = ours(ids)
-    for folder in ("hf", "hf2"):
+    for folder in ("hf", "hf2", "hf3"):
         got = hf_logits(tmp_path / folder, ids)
         assert (got - ref).abs().max().item() <= 1e-4, folder
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

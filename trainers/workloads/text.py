@@ -154,10 +154,10 @@ def model_from_start(cfg: RunConfig, start: dict, src: str) -> RunConfig:
     from models import presets
     from trainers.config import RunConfig as _RunConfig
 
-    m = cfg.model
+    m, given = cfg.model, cfg.model.model_dump(mode="json")
     arch = {k: v for k, v in start.items() if k not in _KNOBS}
-    explicit = {k for k in m.model_fields_set if k in arch and getattr(m, k) is not None}
-    clash = {k: (getattr(m, k), arch[k]) for k in explicit if _plain(getattr(m, k)) != arch[k]}
+    explicit = {k for k in m.model_fields_set if k in arch and given[k] is not None}
+    clash = {k: (given[k], arch[k]) for k in explicit if given[k] != arch[k]}
     if "preset" in m.model_fields_set and m.preset is not None:
         sizes = {k: v for k, v in presets.get(m.preset).items() if k not in ("vocab_size", "max_seq_len")}
         clash.update({f"preset {m.preset!r}: {k}": (v, arch[k]) for k, v in sizes.items() if arch.get(k) != v})
@@ -168,12 +168,8 @@ def model_from_start(cfg: RunConfig, start: dict, src: str) -> RunConfig:
             "remove model.preset and the model sizes (set model.preset: null), keep only dropout / init_std"
         )
     raw = cfg.model_dump(mode="json")
-    raw["model"] = {"preset": None, **arch, **{k: getattr(m, k) for k in _KNOBS}}
+    raw["model"] = {"preset": None, **arch, **{k: given[k] for k in _KNOBS}}
     return _RunConfig.model_validate(raw)
-
-
-def _plain(value):
-    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 
 def tokenizer_roles(manifest) -> dict:
