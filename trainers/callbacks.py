@@ -53,9 +53,9 @@ class NonFiniteLoss(RuntimeError):
 class NonFiniteGuard(Callback):
     """Stops the run at a non-finite training loss before anything of it is checkpointed or registered.
 
-    The first bad step is kept on the device (no per-step host sync); it is read every
-    ``trainer.nonfinite_check_every`` steps and always before a checkpoint step, so a checkpoint never holds
-    a diverged model. Runs before the other built-in callbacks.
+    The first bad step is kept on the device (no per-step host sync); it is read at every logging step (or
+    every ``trainer.nonfinite_check_every`` steps) and always before a checkpoint step, so a checkpoint never
+    holds a diverged model. Runs before the other built-in callbacks.
     """
 
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -67,7 +67,8 @@ class NonFiniteGuard(Callback):
             return
         bad = ~torch.isfinite(out.loss_sum)
         self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
-        if due(step, t.nonfinite_check_every, t.max_steps) or due(step, t.checkpoint_every, t.max_steps):
+        every = t.nonfinite_check_every or t.log_every  # no host sync beyond the logging step's by default
+        if due(step, every, t.max_steps) or due(step, t.checkpoint_every, t.max_steps):
             first = int(self.first_bad)
             if first >= 0:
                 raise NonFiniteLoss(

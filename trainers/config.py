@@ -147,8 +147,10 @@ class TrainerSpec(_Strict):
     on_nonfinite: Literal["stop", "ignore"] = Field(
         "stop", description="a NaN/inf training loss: stop the run (nothing further is checkpointed or registered)"
     )
-    nonfinite_check_every: int = Field(
-        1, ge=1, description="steps between host checks of the on-device finite flag (1 is cheap on CPU)"
+    nonfinite_check_every: int | None = Field(
+        None, ge=1,
+        description="steps between host reads of the on-device finite flag; None: at logging steps (where the loop "
+        "syncs anyway) and before every checkpoint",
     )
 
     @property
