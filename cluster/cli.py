@@ -260,7 +260,13 @@ def tune(
         report = run_tune(cfg, tracking_uri=tracking_uri, address=address)
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
-    console.print(report["table"], markup=False, highlight=False)
+    console.print(report["table"], markup=False, highlight=False, soft_wrap=True)
+    if len(report["reports_per_trial"]) > len(report["aggregate"]) or report["stopped"]:
+        console.print(report["trials_table"], markup=False, highlight=False, soft_wrap=True)
+    for s in report["stopped"]:
+        last = f" (val/avg_loss {s['val/avg_loss']:.4f})" if s["val/avg_loss"] is not None else ""
+        console.print(f"stopped early by the scheduler: {s['trial']} after step {s['step']}{last}",
+                      markup=False, highlight=False, soft_wrap=True)
     console.print(f"MLflow parent run: {report['parent_run_id']}   Tune results (TensorBoard): {report['tune_dir']}")
 
 

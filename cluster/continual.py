@@ -170,11 +170,29 @@ def _resolve_start(cfg: ContinualConfig, tracking_uri: str) -> str | None:
     return resolve_start(cfg.start, start_models_cache(resolve_storage(cfg.storage_path)), tracking_uri=tracking_uri)
 
 
+class SequenceObserver:
+    """What a running sequence tells its caller, on the driver (no-ops here; ``rpt tune`` reports each to Ray
+    Tune and the trial's MLflow run, see cluster/tune_trial.py). Calls come from a watcher thread
+    (``on_eval``) and the sequence's thread (the others)."""
+
+    def on_start(self, run_id: str) -> None:
+        """The sequence's MLflow run was created."""
+
+    def on_eval(self, task: int, step: int, metrics: dict[str, float]) -> None:
+        """Metrics of a logging step (global ``step``) of task ``task`` as they arrive (``val/<task>/loss`` ...)."""
+
+    def on_task_end(self, task: int, step: int, row: dict[str, float], annealed: dict[str, float] | None) -> None:
+        """Task ``task`` ended at global ``step``: ``row`` is ``L[task][j]`` by task name (``annealed``: the anneal
+        branch's row)."""
+
+
 def run_continual(
     cfg: ContinualConfig, *, tracking_uri: str | None = None, address: str | None = None,
     parent_run_id: str | None = None, run_tags: dict[str, str] | None = None, callbacks: Sequence[Any] = (),
+    observer: SequenceObserver | None = None,
 ) -> dict[str, Any]:
-    """Train the task sequence; returns L, the annealed L (anneal_steps > 0), the summary metrics and run ids."""
+    """Train the task sequence; returns L, the annealed L (anneal_steps > 0), the summary metrics and run ids.
+    ``observer`` hears of every evaluation and task end while the sequence runs."""
     from mlflow import MlflowClient
 
     from cluster.ray_env import init_ray
@@ -193,12 +211,14 @@ def run_continual(
         _param("schedule", cfg.schedule["name"]), _param("seed", cfg.seed), _param("tasks", [t.name for t in cfg.tasks]),
         _param("lr_peak", cfg.optimizer.lr_peak), _param("replay", [t.replay_fraction for t in cfg.tasks]),
     ])
+    observer = observer or SequenceObserver()
+    observer.on_start(seq)
     with tracking.run_status(client, seq):
-        return _train_sequence(cfg, client, seq, uri=uri, address=address, callbacks=callbacks)
+        return _train_sequence(cfg, client, seq, uri=uri, address=address, callbacks=callbacks, observer=observer)
 
 
 def _train_sequence(cfg: ContinualConfig, client, seq: str, *, uri: str, address: str | None,
-                    callbacks: Sequence[Any]) -> dict[str, Any]:
+                    callbacks: Sequence[Any], observer: SequenceObserver) -> dict[str, Any]:
     """Every task (and its anneal branch) in order under the sequence's MLflow run ``seq``; fills ``L``."""
     from cluster.anneal import run_anneal
     from cluster.train import run_train
@@ -211,7 +231,8 @@ def _train_sequence(cfg: ContinualConfig, client, seq: str, *, uri: str, address
     for i, _task in enumerate(cfg.tasks):
         tcfg = cfg.task_config(i, previous_checkpoint=previous, start_folder=start_folder)
         out = run_train(tcfg, tracking_uri=uri, address=address, parent_run_id=seq,
-                        tags={"rpt.task": str(i), "rpt.task_name": names[i]}, callbacks=callbacks)
+                        tags={"rpt.task": str(i), "rpt.task_name": names[i]}, callbacks=callbacks,
+                        on_step=lambda step, m, i=i: observer.on_eval(i, step, m))
         row = [float(out.metrics[f"val/{n}/loss"]) for n in names]
         L.append(row)
         client.log_batch(seq, metrics=[_metric(f"L/{names[i]}/{n}", v, i) for n, v in zip(names, row, strict=True)])
@@ -223,6 +244,8 @@ def _train_sequence(cfg: ContinualConfig, client, seq: str, *, uri: str, address
             L_annealed.append([float(ann.metrics[f"val/{n}/loss"]) for n in names])
             entry.update(annealed_run_id=ann.mlflow_run_id, annealed_version=ann.model_version)
         runs.append(entry)
+        observer.on_task_end(i, sum(cfg.task_steps[: i + 1]), dict(zip(names, row, strict=True)),
+                             dict(zip(names, L_annealed[-1], strict=True)) if cfg.anneal_steps else None)
         previous = out.checkpoint
     return _log_result(cfg, client, seq, names, L, L_annealed, runs)
 

@@ -42,6 +42,16 @@ def format_table(agg: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_trials(trials: list[dict[str, Any]]) -> str:
+    """One Markdown row per trial: its point in the search space and its summary metrics (sorted by the
+    final average loss), for studies that sample keys rather than only sweep seeds."""
+    lines = ["| trial | point | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]
+    for t in sorted(trials, key=lambda t: t["summary"]["final_avg_loss"]):
+        point = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.get("point", {}).items())
+        lines.append(f"| {t.get('trial', '-')} | {point or '-'} | " + " | ".join(f"{t['summary'][m]:.3f}" for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
 def _val_curves(uri: str, trial: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
     """``val/<task>/loss`` over global steps, concatenated over the trial's task runs."""
     from mlflow import MlflowClient
@@ -113,6 +123,6 @@ def comparison_report(trials: list[dict[str, Any]], out: Path, *, uri: str | Non
     agg = aggregate(trials)
     table = format_table(agg)
     plots = plot_report(trials, agg, out, uri)
-    (out / "report.md").write_text(table + "\n")
+    (out / "report.md").write_text(table + "\n\n" + format_trials(trials) + "\n")
     (out / "report.json").write_text(json.dumps({"aggregate": agg, "trials": trials}, indent=2, default=str))
     return {"aggregate": agg, "table": table, "plots": [str(p) for p in plots]}

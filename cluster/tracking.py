@@ -87,10 +87,10 @@ def ui_hint(tracking_uri: str) -> str:
 @contextlib.contextmanager
 def run_status(client, run_id: str) -> Iterator[None]:
     """End MLflow run ``run_id`` honestly: FINISHED, FAILED (the error as the tag ``rpt.error``) or KILLED
-    (Ctrl-C) — never left RUNNING by an exception."""
+    (Ctrl-C, or a stop such as a Tune scheduler's, which raises SystemExit) — never left RUNNING by an exception."""
     try:
         yield
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         client.set_terminated(run_id, status="KILLED")
         raise
     except BaseException as e:

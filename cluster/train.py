@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,10 +264,11 @@ def run_train(
     tags: dict[str, str] | None = None,
     callbacks: Sequence[Any] = (),
     console: Any = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainOutcome:
     """Train ``cfg`` on Ray; ``callbacks`` (:class:`trainers.callbacks.Callback`, picklable) join the
-    workers' loop (tests: fault injection, row audits); with a ``rich`` ``console``, a progress line per
-    logging step (:mod:`cluster.progress`)."""
+    workers' loop (tests: fault injection, row audits); a ``rich`` ``console`` gets a progress line per
+    logging step, ``on_step(step, metrics)`` its metrics as they arrive (:class:`cluster.progress.RunWatcher`)."""
     from mlflow import MlflowClient
 
     from cluster.ray_env import init_ray
@@ -288,14 +289,14 @@ def run_train(
     init_ray(address, cpus_needed=t.num_workers * t.cpus_per_worker, dashboard=dashboard)
     client = MlflowClient(uri)
     try:
-        with _progress(console, uri, run_id, start.step, t.max_steps):
+        with _watch(console, on_step, uri, run_id, start.step, t.max_steps):
             result = _fit(cfg, facts, start, storage, uri, run_id, callbacks)
     except TrainingError as e:
         client.set_tag(run_id, "rpt.error", str(e)[:5000])
         client.log_artifact(run_id, str(e.log_path))
         client.set_terminated(run_id, status="FAILED")
         raise
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         client.set_terminated(run_id, status="KILLED")
         raise
     except BaseException:
@@ -312,14 +313,15 @@ def run_train(
     return TrainOutcome(start.name, run_id, ckpt_path, model_name, version, dict(result.metrics or {}), uri)
 
 
-def _progress(console: Any, uri: str, run_id: str, start_step: int, max_steps: int):
+def _watch(console: Any, on_step: Callable[[int, dict[str, float]], None] | None, uri: str, run_id: str,
+           start_step: int, max_steps: int):
     import contextlib
 
-    from cluster.progress import ProgressPrinter
+    from cluster.progress import RunWatcher
 
-    if console is None:
+    if console is None and on_step is None:
         return contextlib.nullcontext()
-    return ProgressPrinter(uri, run_id, start_step=start_step, max_steps=max_steps, console=console)
+    return RunWatcher(uri, run_id, start_step=start_step, max_steps=max_steps, console=console, on_step=on_step)
 
 
 def _fit(cfg: RunConfig, facts: DataFacts, start: FitStart, storage: Storage, uri: str, run_id: str,

@@ -10,7 +10,6 @@ plots logged to the parent run (README, "Continual pre-training and the schedule
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import tempfile
@@ -21,6 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cluster import tracking
 from cluster.config import ConfigError, apply_overrides, format_validation_error, load_raw
+from cluster.tune_space import (
+    Dimension,
+    SchedulerSpec,
+    SearchAlgSpec,
+    SpaceError,
+    build_scheduler,
+    build_search_alg,
+    check_search_alg,
+    parse_space,
+    probe_points,
+    tune_domains,
+)
 from trainers import schedules
 
 log = logging.getLogger(__name__)
@@ -31,26 +42,44 @@ class TuneConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     continual: str = Field(description="the continual config every trial runs (path, relative to the repo or this file)")
     schedules: dict[str, dict[str, Any]] = Field(description="named schedule variants: {label: {name, params...}}")
-    grid: dict[str, list[Any]] = Field(description="swept keys: 'schedule' (labels), 'seed', or dotted continual keys")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="the short form of search: {key: [values]} "
+                                       "for keys swept over every value ('schedule' labels, 'seed', dotted keys)")
+    search: dict[str, Any] = Field(default_factory=dict, description="{key: search space} (cluster/tune_space.py): "
+                                   "grid, choice, uniform, loguniform, randint")
+    fixed: dict[str, Any] = Field(default_factory=dict, description="dotted continual keys set in every trial "
+                                  "(e.g. a larger model for a GPU variant of the study)")
+    num_samples: int = Field(1, ge=1, description="repeats of the grid; sampled keys are drawn anew in each")
+    scheduler: SchedulerSpec | None = Field(None, description="stop poor trials early at evaluations (asha)")
+    search_alg: SearchAlgSpec | None = Field(None, description="propose the sampled keys (optuna)")
+    seed: int = Field(0, description="seed of Tune's sampling (the same study samples the same points)")
     max_concurrent_trials: int = Field(2, ge=1)
     storage_path: str = "results/tune"
 
     @model_validator(mode="after")
     def _check(self) -> TuneConfig:
-        for label in self.grid.get("schedule", []):
-            if label not in self.schedules:
-                raise ValueError(f"grid.schedule: {label!r} is not defined under schedules (defined: {list(self.schedules)})")
-        if any(not v for v in self.grid.values()):
-            raise ValueError("every grid entry needs at least one value")
+        try:
+            dims = self.dimensions()
+            check_search_alg(self.search_alg, dims)
+        except SpaceError as e:
+            raise ValueError(str(e)) from None
+        for d in dims:
+            if d.key == "schedule":
+                if d.kind not in ("grid", "choice"):
+                    raise ValueError(f"schedule: labels are swept with a list, grid or choice, not {d.kind}")
+                for label in d.values:
+                    if label not in self.schedules:
+                        raise ValueError(f"schedule: {label!r} is not defined under schedules (defined: {list(self.schedules)})")
         return self
 
+    def dimensions(self) -> list[Dimension]:
+        return parse_space(self.grid, self.search)
+
     def trials(self) -> list[dict[str, Any]]:
-        """The cartesian grid as a list of {key: value} (deterministic order)."""
-        keys = list(self.grid)
-        return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(self.grid[k] for k in keys))]
+        """Points that take every value a trial can be given (every listed value, both ends of ranges)."""
+        return probe_points(self.dimensions())
 
     def trial_overrides(self, point: dict[str, Any]) -> list[str]:
-        out = []
+        out = [f"{key}={json.dumps(value)}" for key, value in self.fixed.items()]
         for key, value in point.items():
             if key == "schedule":
                 out.append(f"schedule={json.dumps(self.schedules[value])}")
@@ -59,6 +88,16 @@ class TuneConfig(BaseModel):
             else:
                 out.append(f"{key}={json.dumps(value)}")
         return out
+
+    def check_metrics(self, tasks: list[str]) -> None:
+        """Scheduler and search metrics are ones every trial reports (cluster/tune_trial.py)."""
+        reported = ["val/avg_loss", *(f"val/{t}/loss" for t in tasks)]
+        if self.scheduler is not None and self.scheduler.metric not in reported:
+            raise ConfigError(f"scheduler.metric={self.scheduler.metric!r} is not reported at every evaluation; "
+                              f"allowed: {', '.join(reported)}")
+        final = [*reported, "final_avg_loss", "mean_forgetting", "mean_adaptation"]
+        if self.search_alg is not None and self.search_alg.metric not in final:
+            raise ConfigError(f"search_alg.metric={self.search_alg.metric!r} is not reported; allowed: {', '.join(final)}")
 
 
 def load_tune(path: str | Path, overrides: list[str] | None = None) -> TuneConfig:
@@ -72,31 +111,10 @@ def load_tune(path: str | Path, overrides: list[str] | None = None) -> TuneConfi
         cfg.continual = str(Path(path).parent / cont.name)
     from cluster.continual import load_continual
 
-    for point in cfg.trials():  # every trial's continual config validates on the driver
-        load_continual(cfg.continual, cfg.trial_overrides(point))
+    for point in cfg.trials():  # every value a trial can take validates on the driver
+        base = load_continual(cfg.continual, cfg.trial_overrides(point))
+    cfg.check_metrics([t.name for t in base.tasks])
     return cfg
-
-
-def _trial_fn(config: dict[str, Any]) -> None:
-    """Tune function trainable: one whole continual sequence."""
-    import os
-
-    from ray import tune
-
-    from cluster.continual import load_continual, run_continual
-
-    ctx = tune.get_context()
-    trial = ctx.get_trial_name()
-    if os.path.isdir(config["cwd"]):  # Tune starts trials in their own folder; configs hold paths relative to the repo
-        os.chdir(config["cwd"])
-    overrides = [*config["overrides"], f"name={config['prefix']}-{trial}",
-                 f"storage_path={config['storage_path']}", f"tracking.tracking_uri={config['tracking_uri']}"]
-    cfg = load_continual(config["continual"], overrides)
-    res = run_continual(cfg, tracking_uri=config["tracking_uri"], parent_run_id=config["parent_run_id"],
-                        run_tags={"rpt.trial": trial, "rpt.schedule_label": config["label"]})
-    metrics = {**res["summary"], **{f"annealed/{k}": v for k, v in res.get("summary_annealed", {}).items()}}
-    Path(ctx.get_trial_dir(), "continual_result.json").write_text(json.dumps(res, indent=2))
-    tune.report(metrics)
 
 
 def _plot_lr_curves(cfg: TuneConfig, out: Path) -> Path:
@@ -142,38 +160,73 @@ def _run_trials(cfg: TuneConfig, client, parent: str, *, uri: str) -> dict[str, 
     """The trials under the parent run, then the comparison report logged to it."""
     from ray import tune
 
-    from cluster.report import comparison_report
+    from cluster.continual import load_continual
+    from cluster.report import comparison_report, format_trials
 
     storage = Path(cfg.storage_path).resolve()
-    points = cfg.trials()
-    param_space = {
-        "point": tune.grid_search([
-            {"overrides": cfg.trial_overrides(p), "label": str(p.get("schedule", "-")), "point": p} for p in points
-        ]),
-    }
-
     continual_path, cwd = str(Path(cfg.continual).resolve()), str(Path.cwd())
+    total_steps = sum(load_continual(cfg.continual, cfg.trial_overrides({})).task_steps)
 
     def fn(config):
-        _trial_fn({**config["point"], "continual": continual_path, "prefix": cfg.name, "cwd": cwd,
-                   "storage_path": str(storage / "runs"), "tracking_uri": uri, "parent_run_id": parent})
+        from cluster.tune_trial import trial_fn
+
+        trial_fn(config, study=cfg, continual=continual_path, cwd=cwd, storage_path=str(storage / "runs"),
+                 tracking_uri=uri, parent_run_id=parent)
 
     tuner = tune.Tuner(
         tune.with_resources(fn, {"CPU": 0.01}),  # the trainable only launches fits; 0 is rejected
-        param_space=param_space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials),
+        param_space={"space": tune_domains(cfg.dimensions())},
+        tune_config=tune.TuneConfig(
+            num_samples=cfg.num_samples, scheduler=build_scheduler(cfg.scheduler, total_steps),
+            search_alg=build_search_alg(cfg.search_alg, cfg.seed, cfg.max_concurrent_trials),
+            max_concurrent_trials=cfg.max_concurrent_trials if cfg.search_alg else None,
+        ),
         run_config=tune.RunConfig(name=cfg.name, storage_path=str(storage)),
     )
-    grid = tuner.fit()
-    trials = []
-    for r in grid:
-        if r.error:
-            raise RuntimeError(f"trial {r.path} failed: {r.error}")
-        res = json.loads(Path(r.path, "continual_result.json").read_text())
-        trials.append({"label": r.config["point"]["label"], "point": r.config["point"]["point"], **res})
+    trials, stopped = _collect(tuner.fit())
+    _mark_stopped(client, parent, stopped)
+    if not trials:
+        raise ConfigError(f"tune {cfg.name}: every trial was stopped early by the scheduler ({len(stopped)}); "
+                          "nothing to compare: raise scheduler.grace_period or max_t")
     with tempfile.TemporaryDirectory() as tmp:
         report = comparison_report(trials, Path(tmp), uri=uri)
         _plot_lr_curves(cfg, Path(tmp) / "lr_curves.png")
         for f in Path(tmp).iterdir():
             client.log_artifact(parent, str(f))
+    report["stopped"] = stopped
+    report["trials_table"] = format_trials(trials)
+    report["reports_per_trial"] = {t["trial"]: t["reports"] for t in trials}
     return report
+
+
+def _collect(grid) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Finished trials (their continual_result.json) and the ones the scheduler stopped early."""
+    trials, stopped = [], []
+    for r in grid:
+        if r.error:
+            raise RuntimeError(f"trial {r.path} failed: {r.error}")
+        path = Path(r.path, "continual_result.json")
+        if path.is_file():
+            trials.append({"trial": Path(r.path).name, **json.loads(path.read_text())})
+        else:
+            last = r.metrics or {}
+            stopped.append({"trial": Path(r.path).name, "run_id": last.get("mlflow_run_id"),
+                            "point": r.config["space"], "step": last.get("step"),
+                            "val/avg_loss": last.get("val/avg_loss")})
+    return trials, stopped
+
+
+def _mark_stopped(client, parent: str, stopped: list[dict[str, Any]]) -> None:
+    """The MLflow runs of trials the scheduler stopped (the trial's sequence run and its unfinished task runs,
+    which the stopped trial could not end, or ended FAILED as its actor went down) end KILLED with the tag
+    ``rpt.stopped``."""
+    exp = client.get_run(parent).info.experiment_id
+    for s in stopped:
+        if not s["run_id"]:
+            continue  # stopped before its first report
+        why = f"stopped early by the Tune scheduler after step {s['step']} (val/avg_loss {s['val/avg_loss']})"
+        kids = client.search_runs([exp], f"tags.mlflow.parentRunId = '{s['run_id']}'")
+        for run in [client.get_run(s["run_id"]), *kids]:
+            if run.info.status != "FINISHED":
+                client.set_tag(run.info.run_id, "rpt.stopped", why)
+                client.set_terminated(run.info.run_id, status="KILLED")
