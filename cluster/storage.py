@@ -21,6 +21,7 @@ come from a Secret, see docs/kubernetes.md).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import tempfile
@@ -32,7 +33,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow.fs as pafs
 
-from trainers.checkpoint import TRAIN_STATE, TrainState
+from trainers.checkpoint import TRAIN_STATE, TrainState, checkpoint_problem, newest_complete
+
+log = logging.getLogger(__name__)
 
 # S3FileSystem options that may be given as URI query parameters (strings in the URI).
 _S3_OPTIONS: dict[str, type] = {
@@ -149,24 +152,40 @@ class Storage:
         return f"{name}-{i}"
 
     def checkpoints(self, run_name: str) -> list[tuple[TrainState, str]]:
-        """The complete checkpoints of a run (those holding ``train_state.json``), oldest step first."""
+        """The complete checkpoints of a run (every rank's completion marker present, every file of the size
+        its writer recorded: :func:`trainers.checkpoint.checkpoint_problem`), oldest step first."""
         run_dir = self.path(run_name)
         if not self.is_dir(run_dir):
             return []
         found = []
         for info in self.filesystem.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True)):
-            if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
-                continue
-            state_file = _join(info.path, TRAIN_STATE, remote=self.remote)
-            if not self.exists(state_file):
-                continue  # a checkpoint still being written, or one from a crashed report
-            found.append((TrainState.from_json(self.read_text(state_file)), info.path))
+            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+                if checkpoint_problem(self.filesystem, info.path, deep=False) is None:
+                    found.append((self.read_train_state(info.path), info.path))
         return sorted(found, key=lambda sp: sp[0].step)
 
+    def newest_checkpoint(self, run_name: str) -> tuple[tuple[TrainState, str] | None, list[tuple[str, str]]]:
+        """The run's newest complete checkpoint and the newer ones skipped (path, why), each logged: hashes are
+        checked on local storage, sizes on object stores (whose uploads are checksummed by the store)."""
+        found, skipped = newest_complete(self.filesystem, self.path(run_name), deep=not self.remote)
+        for path, why in skipped:
+            log.warning("checkpoint %s skipped: %s", self.uri_of(path), why)
+        return found, skipped
+
     def latest_checkpoint(self, run_name: str) -> tuple[TrainState, str] | None:
-        """The checkpoint of a run with the highest step, with its train state (None: no checkpoint yet)."""
-        found = self.checkpoints(run_name)
-        return found[-1] if found else None
+        """The newest complete checkpoint of a run, with its train state (None: no complete checkpoint)."""
+        return self.newest_checkpoint(run_name)[0]
+
+    def incomplete_checkpoints(self, run_name: str) -> list[tuple[str, str]]:
+        """Checkpoint folders of the run that are not complete (cut off, or orphaned by workers that lost their
+        run, e.g. after a node loss), with why: listed at the end of a fit, never deleted."""
+        out = []
+        for info in self.filesystem.get_file_info(pafs.FileSelector(self.path(run_name), allow_not_found=True)):
+            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+                problem = checkpoint_problem(self.filesystem, info.path, deep=False)
+                if problem:
+                    out.append((info.path, problem))
+        return out
 
     def read_train_state(self, checkpoint_path: str) -> TrainState:
         path = _join(checkpoint_path, TRAIN_STATE, remote=self.remote)

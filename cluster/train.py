@@ -7,9 +7,10 @@ which MLflow run it logs to, and what is registered at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from cluster import tracking
 from cluster.config import ConfigError, dump_config
 from cluster.data_check import check_data, fill_from_data
 from cluster.storage import Storage, StorageError, resolve_storage
-from trainers.checkpoint import TrainState
+from trainers.checkpoint import CheckpointDir, TrainState
 from trainers.config import RunConfig
 from trainers.workloads import DataFacts
 
@@ -90,6 +91,7 @@ class FitStart:
     rows: int = 0
     replay_rows: int = 0
     run_id: str | None = None
+    skipped: tuple[str, ...] = ()  # newer checkpoints of the run found incomplete or damaged (--resume)
 
 
 def replay_rows_per_micro(cfg: RunConfig) -> int:
@@ -172,11 +174,16 @@ def fit_start(cfg: RunConfig, storage: Storage, resume: bool) -> FitStart:
         if not storage.is_dir(storage.path(cfg.name)):
             raise ConfigError(f"--resume: no run {cfg.name!r} in storage_path={storage.uri!r}")
         start = FitStart(cfg.name)
-        found = storage.latest_checkpoint(cfg.name)
+        found, skipped = storage.newest_checkpoint(cfg.name)
+        if found is None and skipped:
+            raise ConfigError(f"--resume: no checkpoint of run {cfg.name!r} is complete ("
+                              + "; ".join(f"{storage.uri_of(p)}: {why}" for p, why in skipped)
+                              + "); resuming would start over: run without --resume under another name")
         if found is not None:
             st = found[0]
             start = FitStart(cfg.name, st.step, st.data_position.rows_consumed, st.data_position.replay_rows_consumed,
                              st.mlflow_run_id)
+        start.skipped = tuple(p for p, _ in skipped)
         if storage.exists(storage.path(cfg.name, RUN_FILE)):
             start.run_id = json.loads(storage.read_text(storage.path(cfg.name, RUN_FILE)))["mlflow_run_id"]
         return start
@@ -288,9 +295,26 @@ def run_train(
     t = cfg.trainer
     init_ray(address, cpus_needed=t.num_workers * t.cpus_per_worker, dashboard=dashboard)
     client = MlflowClient(uri)
+    with _failure_status(client, run_id), _watch(console, on_step, uri, run_id, start.step, t.max_steps):
+        result = _fit(cfg, facts, start, storage, uri, run_id, callbacks)
+    _note_incomplete(storage, start.name, client, run_id)
+    ckpt_path = storage.uri_of(result.checkpoint.path) if result.checkpoint else None  # s3://... when remote
+    model_name = version = None
+    if register and ckpt_path:
+        model_name = cfg.tracking.registered_model or cfg.name
+        version = _register(storage, result.checkpoint.path, facts, run_id, model_name,
+                            [cfg.tracking.alias, *extra_aliases], uri)
+        client.set_tag(run_id, "rpt.checkpoint", ckpt_path)
+    client.set_terminated(run_id, status="FINISHED")
+    return TrainOutcome(start.name, run_id, ckpt_path, model_name, version, dict(result.metrics or {}), uri)
+
+
+@contextlib.contextmanager
+def _failure_status(client, run_id: str) -> Iterator[None]:
+    """A fit that does not finish ends its MLflow run FAILED (the error as ``rpt.error`` and the error log as an
+    artifact) or KILLED (Ctrl-C, a stop)."""
     try:
-        with _watch(console, on_step, uri, run_id, start.step, t.max_steps):
-            result = _fit(cfg, facts, start, storage, uri, run_id, callbacks)
+        yield
     except TrainingError as e:
         client.set_tag(run_id, "rpt.error", str(e)[:5000])
         client.log_artifact(run_id, str(e.log_path))
@@ -302,15 +326,16 @@ def run_train(
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
-    ckpt_path = storage.uri_of(result.checkpoint.path) if result.checkpoint else None  # s3://... when remote
-    model_name = version = None
-    if register and ckpt_path:
-        model_name = cfg.tracking.registered_model or cfg.name
-        version = _register(storage, result.checkpoint.path, facts, run_id, model_name,
-                            [cfg.tracking.alias, *extra_aliases], uri)
-        client.set_tag(run_id, "rpt.checkpoint", ckpt_path)
-    client.set_terminated(run_id, status="FINISHED")
-    return TrainOutcome(start.name, run_id, ckpt_path, model_name, version, dict(result.metrics or {}), uri)
+
+
+def _note_incomplete(storage: Storage, run_name: str, client, run_id: str) -> None:
+    """Incomplete checkpoint folders left in the run (cut off, or orphaned by workers that lost their run after
+    a node loss) are listed in the log and as the tag ``rpt.incomplete_checkpoints``; never deleted."""
+    found = storage.incomplete_checkpoints(run_name)
+    for path, why in found:
+        log.warning("incomplete checkpoint left in the run (not used, not deleted): %s: %s", storage.uri_of(path), why)
+    if found:
+        client.set_tag(run_id, "rpt.incomplete_checkpoints", "; ".join(storage.uri_of(p) for p, _ in found)[:5000])
 
 
 def _watch(console: Any, on_step: Callable[[int, dict[str, float]], None] | None, uri: str, run_id: str,
@@ -343,6 +368,7 @@ def _fit(cfg: RunConfig, facts: DataFacts, start: FitStart, storage: Storage, ur
     ctx.enable_progress_bars = False
     ctx.raise_original_map_exception = True  # a damaged shard's error (naming the file) reaches the worker as is
     fit, datasets, streams = plan_fit(cfg, facts, start, uri, run_id)
+    fit["checkpoints"] = CheckpointDir(storage.filesystem, storage.path(start.name), start.skipped)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "fit": fit, "callbacks": list(callbacks)},

@@ -210,7 +210,7 @@ def _collect(grid) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             trials.append({"trial": Path(r.path).name, **json.loads(path.read_text())})
         else:
             last = r.metrics or {}
-            stopped.append({"trial": Path(r.path).name, "run_id": last.get("mlflow_run_id"),
+            stopped.append({"trial": f"trial {last.get('trial_id', Path(r.path).name)}", "run_id": last.get("mlflow_run_id"),
                             "point": r.config["space"], "step": last.get("step"),
                             "val/avg_loss": last.get("val/avg_loss")})
     return trials, stopped

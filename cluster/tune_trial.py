@@ -112,6 +112,6 @@ def trial_fn(config: dict[str, Any], *, study: Any, continual: str, cwd: str, st
     label = str(point.get("schedule", cfg.schedule["name"]))
     res = run_continual(cfg, tracking_uri=tracking_uri, parent_run_id=parent_run_id, observer=reporter,
                         run_tags={"rpt.trial": trial, "rpt.schedule_label": label})
-    res.update(label=label, point=point, reports=reporter.reports + 1)
+    res.update(trial=trial, label=label, point=point, reports=reporter.reports + 1)
     Path(ctx.get_trial_dir(), "continual_result.json").write_text(json.dumps(res, indent=2))
     reporter.final(sum(cfg.task_steps), res)

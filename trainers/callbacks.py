@@ -165,7 +165,7 @@ class Checkpointer(Callback):
             self.save(trainer, step)
 
     def save(self, trainer: Trainer, step: int) -> None:
-        from trainers.checkpoint import save_checkpoint, save_rng
+        from trainers.checkpoint import save_checkpoint, save_rng, write_marker
 
         t, st = trainer.cfg.trainer, trainer.state
         pos = trainer.batches.position()
@@ -180,6 +180,7 @@ class Checkpointer(Callback):
         with tempfile.TemporaryDirectory(prefix="rpt-ckpt-") as tmp:
             save_checkpoint(trainer.engine, tmp, state=st, zero_stage=t.zero_stage, export=trainer.work.export)
             save_rng(tmp, trainer.rank, trainer.gen)
+            write_marker(tmp, rank=trainer.rank, world_size=trainer.world, step=step)  # last: this rank is done
             trainer.ctx.report(metrics, Path(tmp))
         committed = trainer.batches.take_committed()
         for cb in trainer.callbacks:

@@ -11,22 +11,36 @@ One checkpoint folder (one ``ray.train.report``) holds:
   ``encoder.safetensors`` + ``vit_config.json`` + ``image_processor.json`` (+ the whole vision model;
   :mod:`models.vit_io`).
 
+- ``complete-rank<r>.json``: written by each rank last, after all its files: their sizes and BLAKE2b
+  hashes. A checkpoint counts only when every rank's marker is there and every file it lists matches
+  (:func:`checkpoint_problem`); :func:`newest_complete` is the one answer to "which checkpoint is latest"
+  for the driver's ``--resume`` plan and the workers' restore (a restart after a failure, or a resume):
+  cut-off or damaged checkpoints are skipped, and reported, and the previous one is used.
+
 Each rank writes into its own temporary folder; Ray merges them in ``storage_path``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from data.stream import DataPosition
 
 DS_TAG = "ds"
 TRAIN_STATE = "train_state.json"
+MARKER = re.compile(r"complete-rank(\d+)\.json")
 
 
 @dataclass
@@ -126,3 +140,119 @@ def load_checkpoint(engine, directory: str | Path) -> TrainState:
     if client is None or client.get("step") != state.step:
         raise RuntimeError(f"checkpoint {directory}: DeepSpeed state and {TRAIN_STATE} disagree on the step")
     return state
+
+
+# --- complete or invisible ------------------------------------------------------------------------
+def marker_file(rank: int) -> str:
+    return f"complete-rank{rank}.json"
+
+
+def _blake2b(chunks: Iterator[bytes]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def _local_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            yield chunk
+
+
+def write_marker(directory: str | Path, *, rank: int, world_size: int, step: int) -> None:
+    """Rank ``rank``'s completion marker: every file it wrote into ``directory`` (its own temporary folder)
+    with size and hash. Written last and atomically (a rename), so its presence means the rank finished."""
+    d = Path(directory)
+    files = {p.relative_to(d).as_posix(): {"size": p.stat().st_size, "blake2b": _blake2b(_local_chunks(p))}
+             for p in sorted(d.rglob("*")) if p.is_file() and not MARKER.fullmatch(p.name)}
+    tmp = d / f".{marker_file(rank)}.tmp"
+    tmp.write_text(json.dumps({"rank": rank, "world_size": world_size, "step": step, "files": files}, indent=1))
+    os.replace(tmp, d / marker_file(rank))
+
+
+def _read(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _fs_chunks(fs: pafs.FileSystem, path: str) -> Iterator[bytes]:
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 22):
+            yield chunk
+
+
+def checkpoint_problem(fs: pafs.FileSystem, path: str, *, deep: bool) -> str | None:
+    """Why the checkpoint folder ``path`` is not complete (None: it is): a missing marker (cut off while being
+    written), a rank that did not finish, a file missing or of another size than its writer recorded, or
+    (``deep``: hashes checked too) a file whose content changed after it was written."""
+    path = path.rstrip("/")
+    infos = {i.path[len(path) + 1:]: i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True,
+                                                                                   allow_not_found=True))
+             if i.type == pafs.FileType.File}
+    markers = {int(m.group(1)): rel for rel in infos if (m := MARKER.fullmatch(rel))}
+    if not markers:
+        return "no completion marker (complete-rank<r>.json): it was cut off while being written"
+    world = json.loads(_read(fs, f"{path}/{markers[min(markers)]}"))["world_size"]
+    missing = [r for r in range(world) if r not in markers]
+    if missing:
+        return f"rank(s) {missing} of {world} did not finish writing it (no complete-rank<r>.json)"
+    for r in range(world):
+        for rel, meta in json.loads(_read(fs, f"{path}/{markers[r]}"))["files"].items():
+            info = infos.get(rel)
+            if info is None:
+                return f"{rel} (written by rank {r}) is missing"
+            if info.size != meta["size"]:
+                return f"{rel} has {info.size:,} bytes but rank {r} wrote {meta['size']:,} (truncated or damaged)"
+            if deep and _blake2b(_fs_chunks(fs, f"{path}/{rel}")) != meta["blake2b"]:
+                return f"{rel} differs from what rank {r} wrote (its hash changed: damaged after it was written)"
+    return None
+
+
+def _state_or_none(fs: pafs.FileSystem, path: str) -> TrainState | None:
+    try:
+        return TrainState.from_json(_read(fs, f"{path.rstrip('/')}/{TRAIN_STATE}").decode())
+    except (OSError, FileNotFoundError, ValueError, TypeError, KeyError):
+        return None
+
+
+def newest_complete(fs: pafs.FileSystem, run_dir: str, *, deep: bool, exclude: tuple[str, ...] = ()
+                    ) -> tuple[tuple[TrainState, str] | None, list[tuple[str, str]]]:
+    """The run's newest complete checkpoint (its train state and path; None if there is none) and the newer
+    ones skipped on the way, each with why (:func:`checkpoint_problem`; ``exclude``: paths already found
+    damaged, e.g. by the driver's deeper check)."""
+    folders = [i.path for i in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+               if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    states = {p: _state_or_none(fs, p) for p in folders}
+    order = sorted(folders, key=lambda p: (states[p].step if states[p] else -1, p), reverse=True)
+    skipped = []
+    for p in order:
+        problem = "found damaged by the driver" if p in exclude else checkpoint_problem(fs, p, deep=deep)
+        if problem is None and states[p] is None:
+            problem = f"{TRAIN_STATE} is unreadable"
+        if problem is None:
+            return (states[p], p), skipped
+        skipped.append((p, problem))
+    return None, skipped
+
+
+@dataclass(frozen=True)
+class CheckpointDir:
+    """Where a run's checkpoints live (a folder on any pyarrow filesystem: local, S3), as the workers see it."""
+
+    fs: pafs.FileSystem
+    run_dir: str
+    exclude: tuple[str, ...] = ()  # checkpoints the driver found damaged
+
+    def newest(self) -> tuple[tuple[TrainState, str] | None, list[tuple[str, str]]]:
+        return newest_complete(self.fs, self.run_dir, deep=False, exclude=self.exclude)
+
+    @contextlib.contextmanager
+    def local(self, path: str) -> Iterator[Path]:
+        """The checkpoint ``path`` as a local folder (downloaded into a temporary folder when remote)."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            yield Path(path)
+            return
+        with tempfile.TemporaryDirectory(prefix="rpt-restore-") as tmp:
+            pafs.copy_files(path, tmp, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+            yield Path(tmp)

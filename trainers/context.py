@@ -6,9 +6,14 @@ streams, a local checkpoint folder) and run it without Ray.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
+
+from trainers.checkpoint import CheckpointDir
+
+log = logging.getLogger(__name__)
 
 
 class TrainContext(Protocol):
@@ -27,24 +32,32 @@ class TrainContext(Protocol):
 
 class RayTrainContext:
     """Inside a Ray Train worker (``TorchTrainer``): the planned streams are Ray Data shards
-    (:class:`data.stream.PlannedDataConfig`), checkpoints go through ``ray.train.report``."""
+    (:class:`data.stream.PlannedDataConfig`), checkpoints go through ``ray.train.report``. The run's
+    latest checkpoint is the newest *complete* one in its folder (``checkpoints``, the same function the
+    driver planned ``--resume`` with: :func:`trainers.checkpoint.newest_complete`), not Ray's record of the
+    last report, so a checkpoint cut off mid-write or damaged later is skipped on every path."""
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoints: CheckpointDir | None = None) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.checkpoints = checkpoints
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
+        if self.checkpoints is None:
             yield None
             return
-        with ckpt.as_directory() as d:
-            yield Path(d)
+        found, skipped = self.checkpoints.newest()
+        if self.rank == 0:
+            for path, why in skipped:
+                log.warning("checkpoint %s skipped: %s", path, why)
+        if found is None:
+            yield None
+            return
+        with self.checkpoints.local(found[1]) as d:
+            yield d
 
     def batches(self, stream: str, batch_size: int, prefetch: int) -> Iterator[dict[str, Any]]:
         import ray.train

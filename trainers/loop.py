@@ -29,7 +29,7 @@ import torch
 from data.stream import StreamPlan
 from trainers.batches import PlannedBatches
 from trainers.callbacks import Callback, Checkpointer, Evaluator, NonFiniteGuard, StepOutput, TrainLogger
-from trainers.checkpoint import TrainState, load_checkpoint, load_rng
+from trainers.checkpoint import CheckpointDir, TrainState, load_checkpoint, load_rng
 from trainers.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class FitPlan:
     # "val:<name>" (data.eval_sets) and the workload's own (the image probes' "probe" bank)
     eval_shards: dict[str, list[str]] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)  # the workload's facts (DataFacts.fields)
+    checkpoints: CheckpointDir | None = None  # the run's checkpoint folder (restart / --resume restore)
 
 
 def seed_everything(seed: int) -> None:
@@ -65,7 +66,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from trainers.context import RayTrainContext
 
     cfg = RunConfig.model_validate(config["run"])  # typed at the boundary
-    Trainer(cfg, FitPlan(**config["fit"]), RayTrainContext(), config.get("callbacks", ())).fit()
+    plan = FitPlan(**config["fit"])
+    Trainer(cfg, plan, RayTrainContext(plan.checkpoints), config.get("callbacks", ())).fit()
 
 
 class Trainer:

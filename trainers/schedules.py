@@ -691,7 +691,7 @@ class InfiniteSchedule(Schedule):
                     f"constant_steps derived as {how} = {derived} < 0 (warmup_steps={w}, cooldown_steps={c}, "
                     f"anneal_steps={a}); shorten the phases or give constant_steps"
                 )
-            logger.info("infinite schedule: constant_steps derived as %s = %d", how, derived)
+            logger.debug("infinite schedule: constant_steps derived as %s = %d", how, derived)
             self._fill(constant_steps=derived)
         else:
             _resolve_phase(self, "constant", budget, budget_name)

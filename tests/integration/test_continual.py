@@ -150,7 +150,7 @@ def test_tune_comparison_two_schedules_two_seeds(cl_data, tmp_path):
     raw["tasks"] = raw["tasks"][:2]
     raw["anneal_steps"] = 0  # anneal branches are covered above; here 8 fits in 4 rounds keep CI short
     raw["schedule"]["cooldown_steps"] = 1
-    raw["trainer"]["eval_every"] = 100
+    raw["trainer"]["eval_every"] = 2  # evaluations at steps 2, 4 (task 0), 6, 8 (task 1): reported to Tune live
     raw["tracking"]["artifact_root"] = str(tmp_path / "art")
     cont.write_text(yaml.safe_dump(raw))
     tune_cfg = tmp_path / "tune.yaml"
@@ -176,10 +176,69 @@ def test_tune_comparison_two_schedules_two_seeds(cl_data, tmp_path):
     for t in trials:  # each trial run has its task runs below it
         kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{t.info.run_id}'")
         assert len(kids) == 2
-    # Tune wrote TensorBoard event files for the dashboards
-    assert list(Path(report["tune_dir"]).rglob("events.out.tfevents*"))
-    trial_results = list(Path(report["tune_dir"]).rglob("continual_result.json"))
-    assert len(trial_results) == 4 and all("L" in json.loads(p.read_text()) for p in trial_results)
+        # the trial run has the curve live (val/avg_loss at every evaluation); its task runs the per-task metrics
+        curve = [(m.step, m.value) for m in client.get_metric_history(t.info.run_id, "val/avg_loss")]
+        assert [s for s, _ in sorted(curve)] == [2, 4, 6, 8]
+        for k in kids:  # the curve is the mean of the task runs' per-task validation losses at each evaluation
+            per = [{m.step: m.value for m in client.get_metric_history(k.info.run_id, f"val/{n}/loss")}
+                   for n in ("prose", "code")]
+            steps = {2, 4} if k.data.tags["rpt.task"] == "0" else {6, 8}
+            assert steps <= set(per[0])
+            assert all(np.isclose(dict(curve)[s], (per[0][s] + per[1][s]) / 2) for s in steps)
+    # Tune got a report at every evaluation (global step as progress) and TensorBoard files show the curves
+    from tests.support.tensorboard import read_scalars
+
+    events = sorted(Path(report["tune_dir"]).rglob("events.out.tfevents*"))
+    assert len(events) == 4
+    for ev in events:
+        curve = read_scalars(ev)["ray/tune/val/avg_loss"]
+        assert [s for s, _ in curve] == [2, 4, 4, 6, 8, 8]  # evaluations, task 0's end, the final report
+        result = json.loads((ev.parent / "continual_result.json").read_text())
+        assert np.isclose(curve[-1][1], result["summary"]["final_avg_loss"])
+        assert np.isclose(curve[2][1], np.mean(result["L"][0]))
+    assert set(report["reports_per_trial"].values()) == {6} and report["stopped"] == []
+
+
+def test_tune_loguniform_search_with_asha_stops_poor_trials(cl_data, tmp_path):
+    """`rpt tune` samples lr_peak log-uniformly (seeded) and ASHA stops trials whose val/avg_loss at a rung is
+    worse than the others': they end KILLED in MLflow with the reason and are left out of the comparison."""
+    import mlflow
+    import yaml
+
+    from cluster.tune import load_tune, run_tune
+
+    raw = yaml.safe_load((REPO / "configs/continual-debug.yaml").read_text())
+    raw["tasks"] = raw["tasks"][:1]
+    raw["tasks"][0].update(steps=8, data={**raw["tasks"][0]["data"], "path": str(cl_data / "prose")})
+    raw["schedule"]["cooldown_steps"] = 1
+    raw["trainer"]["eval_every"] = 2
+    raw["tracking"]["artifact_root"] = str(tmp_path / "art")
+    (tmp_path / "continual.yaml").write_text(yaml.safe_dump(raw))
+    study = {"name": "asha", "continual": str(tmp_path / "continual.yaml"), "storage_path": str(tmp_path / "tune"),
+             "schedules": {"infinite": raw["schedule"]}, "fixed": {"anneal_steps": 0},
+             "search": {"optimizer.lr_peak": {"loguniform": [1e-6, 3e-2]}}, "num_samples": 3, "seed": 0,
+             "scheduler": {"name": "asha", "metric": "val/avg_loss", "grace_period": 2, "reduction_factor": 2},
+             "max_concurrent_trials": 1}
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(study))
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    report = run_tune(load_tune(tmp_path / "tune.yaml"), tracking_uri=uri)
+
+    lrs = [t["point"]["optimizer.lr_peak"] for t in report["stopped"]]
+    results = list(Path(report["tune_dir"]).rglob("continual_result.json"))
+    finished = [json.loads(p.read_text()) for p in results]
+    lrs += [t["point"]["optimizer.lr_peak"] for t in finished]
+    assert len(lrs) == 3 and len(set(lrs)) == 3 and all(1e-6 <= lr <= 3e-2 for lr in lrs)
+    assert finished and report["stopped"], (finished, report["stopped"])
+    assert report["aggregate"]["infinite"]["n"] == len(finished)
+    client = mlflow.MlflowClient(uri)
+    for s in report["stopped"]:
+        assert s["step"] < 8 and np.isfinite(s["val/avg_loss"])
+        run = client.get_run(s["run_id"])
+        assert run.info.status == "KILLED" and "stopped early by the Tune scheduler" in run.data.tags["rpt.stopped"]
+        # it was worse at its last rung than a finished trial at the same step
+        best = min(min(m.value for m in client.get_metric_history(f["run_id"], "val/avg_loss") if m.step == s["step"])
+                   for f in finished)
+        assert s["val/avg_loss"] > best
 
 
 def test_continual_mae_over_two_fractal_domains(ray_session, tmp_path):

@@ -45,3 +45,21 @@ class AuditRows(Callback):
             if len(ids):
                 prefix = "" if name == "train" else f"{name}-"
                 np.save(Path(self.directory, f"{prefix}rank{trainer.rank}-step{step:08d}.npy"), ids)
+
+
+class KillOnce(Callback):
+    """Rank ``rank`` (modulo the world size) kills its own worker process with SIGKILL at ``step``, once (the
+    marker file records that it did): the process dies as from ``kill -9``, with no Python cleanup."""
+
+    def __init__(self, step: int, marker: str | Path, rank: int = 1):
+        self.step, self.marker, self.rank = step, str(marker), rank
+
+    def on_step_end(self, trainer, step: int, out) -> None:
+        import os
+        import signal
+
+        if step != self.step or trainer.rank != self.rank % trainer.world or Path(self.marker).exists():
+            return
+        Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.marker).write_text(f"SIGKILL at step {step}, pid {os.getpid()}\n")
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -133,3 +133,21 @@ def test_a_stopped_trial_reports_nothing_more_and_ends_its_sequence():
     assert rep.stopped_at == 10 and rep.reports == 0
     with pytest.raises(SystemExit):  # the next report (e.g. a task end on the main thread) ends the sequence
         rep.on_task_end(0, 20, {"a": 1.0, "b": 2.0}, None)
+
+
+def test_optuna_search_proposes_points_inside_the_space():
+    pytest.importorskip("optuna")
+    from cluster.tune_space import SearchAlgSpec, build_search_alg, tune_domains
+
+    dims = parse_space({}, {"schedule": {"choice": ["cosine_rewarm", "wsd"]},
+                            "optimizer.lr_peak": {"loguniform": [1e-4, 1e-2]}, "trainer.micro_batch_size": {"randint": [4, 9]}})
+    alg = build_search_alg(SearchAlgSpec(name="optuna", seed=3), seed=0, max_concurrent=2)
+    assert alg.set_search_properties("val/avg_loss", "min", {"space": tune_domains(dims)})
+    points = [alg.suggest(f"t{i}")["space"] for i in range(6)]
+    for p in points:
+        assert p["schedule"] in ("cosine_rewarm", "wsd") and 1e-4 <= p["optimizer.lr_peak"] <= 1e-2
+        assert 4 <= p["trainer.micro_batch_size"] <= 8
+    assert len({p["optimizer.lr_peak"] for p in points}) == 6  # drawn, not repeated
+    for i, p in enumerate(points):  # told the results, TPE goes on proposing valid points
+        alg.on_trial_complete(f"t{i}", {"val/avg_loss": p["optimizer.lr_peak"]})
+    assert 1e-4 <= alg.suggest("t6")["space"]["optimizer.lr_peak"] <= 1e-2

@@ -1,0 +1,108 @@
+"""Faults done for real on a local Ray (2 workers, ZeRO-2, CPU): a worker process killed with SIGKILL, an
+exception in a worker, checkpoints cut off mid-write or damaged afterwards. The oracle is an uninterrupted
+run of the same config: on CPU a run is deterministic, so the disturbed run must log the same loss at every
+step (the steps redone after a restart included) and end with the same weights."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cluster.config import load_config
+from cluster.train import run_train
+from tests.support.callbacks import FailOnce, KillOnce
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+# the cosine spans 24 steps whatever max_steps a part of a run stops at, so parts add up to the whole run
+BASE = ("trainer.max_steps=24", "schedule.total_steps=24", "trainer.checkpoint_every=8", "trainer.eval_every=100",
+        "trainer.log_every=1", "trainer.keep_checkpoints=3", "trainer.max_failures=1")
+
+
+def cfg(data: Path, tmp: Path, name: str, *extra: str):
+    return load_config(REPO / "configs/debug-lm.yaml", [
+        f"data.path={data}", f"storage_path={tmp / 'results'}", f"tracking.artifact_root={tmp / 'artifacts'}",
+        f"name={name}", *BASE, *extra])
+
+
+def losses(uri: str, run_id: str) -> dict[int, list[float]]:
+    """Every logged train/loss by step (a step logged twice, before a failure and after the restart, has two)."""
+    import mlflow
+
+    out: dict[int, list[float]] = defaultdict(list)
+    for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "train/loss"):
+        out[m.step].append(m.value)
+    return dict(out)
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_session, debug_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("baseline")
+    uri = f"sqlite:///{tmp / 'mlruns.db'}"
+    out = run_train(cfg(debug_data, tmp, "baseline"), tracking_uri=uri, register=False)
+    got = losses(uri, out.mlflow_run_id)
+    assert sorted(got) == list(range(1, 25)) and all(len(v) == 1 for v in got.values())
+    return {s: v[0] for s, v in got.items()}, load_file(str(Path(out.checkpoint, "model.safetensors")))
+
+
+def assert_same_as_baseline(baseline, got: dict[int, list[float]], checkpoint: str) -> None:
+    want, weights = baseline
+    assert sorted(got) == list(range(1, 25))
+    for step, values in got.items():  # every logging of a step, the redone ones too, equals the undisturbed run
+        assert values == [want[step]] * len(values), (step, values, want[step])
+    final = load_file(str(Path(checkpoint, "model.safetensors")))
+    assert final.keys() == weights.keys()
+    for k in weights:
+        torch.testing.assert_close(final[k], weights[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fault", ["exception", "sigkill"])
+def test_worker_fault_restarts_from_the_checkpoint_and_matches_the_undisturbed_run(
+        baseline, debug_data, tmp_path, tracking_uri, fault):
+    marker = tmp_path / "fault"
+    inject = FailOnce(step=13, marker=marker) if fault == "exception" else KillOnce(step=13, marker=marker)
+    out = run_train(cfg(debug_data, tmp_path, f"fault-{fault}"), tracking_uri=tracking_uri, register=False,
+                    callbacks=[inject])
+    assert marker.is_file() and out.metrics["step"] == 24
+    got = losses(tracking_uri, out.mlflow_run_id)
+    # restarted from the step-8 checkpoint, not from zero: steps 9..13 ran twice, the others once
+    assert {s for s, v in got.items() if len(v) == 2} == set(range(9, 14))
+    assert all(len(v) == 1 for s, v in got.items() if s not in range(9, 14))
+    assert_same_as_baseline(baseline, got, out.checkpoint)
+
+
+def test_resume_skips_cut_off_and_damaged_checkpoints_and_matches_the_undisturbed_run(
+        baseline, debug_data, tmp_path, tracking_uri, caplog):
+    first = run_train(cfg(debug_data, tmp_path, "resume-damage", "trainer.max_steps=16"), tracking_uri=tracking_uri,
+                      register=False)
+    run = tmp_path / "results" / "resume-damage"
+    ckpt16 = Path(first.checkpoint)
+    # damaged afterwards: rank 1's optimizer shard of the newest checkpoint loses its second half
+    shard = next(ckpt16.rglob("zero_pp_rank_1_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    # cut off mid-write: a later folder with every file but the ranks' completion markers
+    cut = run / "checkpoint_9999-12-31_23-59-59.999999"
+    shutil.copytree(ckpt16, cut, ignore=shutil.ignore_patterns("complete-rank*.json"))
+    with caplog.at_level(logging.WARNING, logger="cluster.storage"):
+        second = run_train(cfg(debug_data, tmp_path, "resume-damage"), resume=True, tracking_uri=tracking_uri,
+                           register=False)
+    warned = caplog.text
+    assert f"{cut} skipped: no completion marker" in warned
+    assert f"{ckpt16} skipped: ds/" in warned and "truncated or damaged" in warned
+    assert second.mlflow_run_id == first.mlflow_run_id and second.metrics["step"] == 24
+    got = losses(tracking_uri, second.mlflow_run_id)
+    # resumed from step 8 (the newest complete checkpoint): steps 9..16 logged by both parts, equal
+    assert {s for s, v in got.items() if len(v) == 2} == set(range(9, 17))
+    assert_same_as_baseline(baseline, got, second.checkpoint)
+    # the skipped folders are kept (never deleted) and listed on the run
+    import mlflow
+
+    assert cut.is_dir() and shard.is_file()
+    tag = mlflow.MlflowClient(tracking_uri).get_run(second.mlflow_run_id).data.tags["rpt.incomplete_checkpoints"]
+    assert str(cut) in tag and str(ckpt16) in tag
