@@ -112,6 +112,9 @@ def train(
     console.print(f"checkpoint:    {out.checkpoint}")
     if out.model_version:
         console.print(f"model:         models:/{out.model_name}/{out.model_version}  (alias @{cfg.tracking.alias})")
+    if out.register_later:
+        console.print(f"[yellow]not registered[/] (MLflow did not answer); when it does: {out.register_later}",
+                      soft_wrap=True)
     console.print(f"MLflow UI:     {ui_hint(out.tracking_uri)}")
 
 
@@ -136,6 +139,28 @@ def models_pull(
     except Exception as e:  # MLflow raises its own exception types for unknown names/aliases
         _fail(e)
     console.print(f"pulled {uri} -> {out} ({fmt})")
+
+
+@models_app.command("register")
+def models_register(
+    checkpoint: str = typer.Argument(..., help="a checkpoint folder of a run (results/RUN/checkpoint_*, or s3://...)"),
+    name: str = typer.Option(..., help="registered model name"),
+    alias: list[str] = typer.Option(["current"], help="aliases to set (repeat --alias)"),
+    tracking_uri: str | None = typer.Option(None),
+) -> None:
+    """Register a run's checkpoint later (after the tracking server was away at the end of the run); replays
+    the metrics the run could not send and ends its MLflow run FINISHED."""
+    from cluster.config import ConfigError
+    from cluster.model_io import register_later
+    from cluster.tracking import resolve_tracking_uri
+
+    try:
+        version, replayed = register_later(checkpoint, name=name, aliases=list(alias),
+                                           tracking_uri=resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri))
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(e)
+    console.print(f"registered models:/{name}/{version} ({', '.join('@' + a for a in alias)}); "
+                  f"{replayed} metric records replayed")
 
 
 @models_app.command("export")

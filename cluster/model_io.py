@@ -177,3 +177,44 @@ def _folder_key(path: Path) -> str:
     for w in sorted(path.glob("*.safetensors")):
         h.update(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def register_later(checkpoint: str, *, name: str, aliases: list[str], tracking_uri: str) -> tuple[int, int]:
+    """``rpt models register``: register a run's checkpoint that could not be registered at the end of its run
+    (the tracking server was away). The checkpoint must be complete; the run's metrics that rank 0 could not
+    send are replayed into its MLflow run first, and a run still RUNNING ends FINISHED. Returns the new version
+    and the number of metric records replayed."""
+    import json
+    import posixpath
+
+    from mlflow import MlflowClient
+
+    from cluster import tracking
+    from cluster.registry import register_checkpoint
+    from cluster.storage import resolve_storage
+    from cluster.train import RUN_FILE
+    from trainers.checkpoint import checkpoint_problem
+
+    tracking.check_reachable(tracking_uri)
+    run_dir, ckpt_name = posixpath.split(checkpoint.rstrip("/"))
+    storage = resolve_storage(run_dir, create=False)
+    path = storage.path(ckpt_name)
+    if not storage.is_dir(path):
+        raise ConfigError(f"{checkpoint!r} is not a folder: give a checkpoint folder of a run (results/RUN/checkpoint_*)")
+    problem = checkpoint_problem(storage.filesystem, path, deep=not storage.remote)
+    if problem:
+        raise ConfigError(f"{checkpoint!r} is not a complete checkpoint ({problem}); register another checkpoint "
+                          "of the run")
+    run_file = storage.path(RUN_FILE)
+    if not storage.exists(run_file):
+        raise ConfigError(f"{run_dir!r} holds no {RUN_FILE}: {checkpoint!r} is not a checkpoint of a ray-pretrain run")
+    run_id = json.loads(storage.read_text(run_file))["mlflow_run_id"]
+    client = MlflowClient(tracking_uri)
+    replayed = tracking.replay_unsent(storage.filesystem, storage.root, client, run_id)
+    tracking.record_metric_stats(storage.filesystem, storage.root, client, run_id, replayed)
+    with storage.local_checkpoint(path, files=None) as local:
+        version = register_checkpoint(local, run_id=run_id, name=name, aliases=aliases, tracking_uri=tracking_uri)
+    client.set_tag(run_id, "rpt.checkpoint", checkpoint)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status="FINISHED")
+    return version, replayed

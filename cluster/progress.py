@@ -63,10 +63,15 @@ class RunWatcher:
         return self
 
     def __exit__(self, *exc) -> None:
+        from cluster.tracking import wait_reachable
+
         self._stop.set()
         self._thread.join(timeout=10)
-        if exc[0] is None:
-            self.poll()  # the last steps
+        if exc[0] is None and wait_reachable(self.uri, 0):
+            try:
+                self.poll()  # the last steps
+            except Exception:  # the console line is a convenience; never fail a finished fit over it
+                pass
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):

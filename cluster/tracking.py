@@ -98,3 +98,64 @@ def run_status(client, run_id: str) -> Iterator[None]:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
+
+
+def wait_reachable(tracking_uri: str, wait_s: float, every_s: float = 2.0) -> bool:
+    """Whether the tracking server answers within ``wait_s`` (polled every ``every_s``); a local store always does."""
+    import time
+
+    from trainers.config import ConfigError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            check_reachable(tracking_uri, timeout_s=min(5.0, max(wait_s, 0.5)))
+            return True
+        except ConfigError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(every_s)
+
+
+def replay_unsent(fs, run_dir: str, client, run_id: str) -> int:
+    """Log the metric records rank 0 could not send (``unsent-metrics-<run id>-*.jsonl`` in the run folder,
+    written by :class:`trainers.metrics.AsyncMlflowSink`) to run ``run_id``, with their original steps and
+    times; each file replayed is renamed ``*.replayed``. Returns the number of records replayed."""
+    import json
+
+    import pyarrow.fs as pafs
+    from mlflow.entities import Metric
+
+    from trainers.metrics import UNSENT_PREFIX
+
+    n = 0
+    for info in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True)):
+        if not (info.base_name.startswith(f"{UNSENT_PREFIX}{run_id}-") and info.base_name.endswith(".jsonl")):
+            continue
+        with fs.open_input_stream(info.path) as f:
+            records = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        metrics = [Metric(k, float(v), r["ts"], r["step"]) for r in records for k, v in r["metrics"].items()]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i: i + 1000])
+        fs.move(info.path, info.path + ".replayed")
+        n += len(records)
+    return n
+
+
+def record_metric_stats(fs, run_dir: str, client, run_id: str, replayed: int) -> dict[str, float]:
+    """What the fit's metric delivery went through, as run tags ``rpt.metrics.*`` (logged, sent late, longest
+    delay, failed attempts, left unsent and replayed): the figures an outage left."""
+    import json
+
+    from trainers.metrics import TRACKING_STATS
+
+    path = f"{run_dir}/{TRACKING_STATS}"
+    try:
+        with fs.open_input_stream(path) as f:
+            stats = json.loads(f.read().decode())
+    except (FileNotFoundError, OSError):
+        stats = {}
+    stats = {k: v for k, v in stats.items() if k != "run_id"} | {"replayed": replayed}
+    for k, v in stats.items():
+        client.set_tag(run_id, f"rpt.metrics.{k}", str(round(v, 3) if isinstance(v, float) else v))
+    return stats

@@ -39,6 +39,7 @@ class TrainOutcome:
     model_version: int | None
     metrics: dict[str, Any]
     tracking_uri: str
+    register_later: str | None = None  # the command that registers the checkpoint when MLflow answers again
 
 
 class TrainingError(RuntimeError):
@@ -181,6 +182,13 @@ def fit_start(cfg: RunConfig, storage: Storage, resume: bool) -> FitStart:
                               + "); resuming would start over: run without --resume under another name")
         if found is not None:
             st = found[0]
+            if st.data_position.world_size != t.num_workers:
+                raise ConfigError(
+                    f"--resume: the checkpoint of run {cfg.name!r} at step {st.step} was written by "
+                    f"{st.data_position.world_size} workers and trainer.num_workers={t.num_workers}; resume with "
+                    f"trainer.num_workers={st.data_position.world_size} (the data position and the ZeRO optimizer "
+                    "shards are per rank)"
+                )
             start = FitStart(cfg.name, st.step, st.data_position.rows_consumed, st.data_position.replay_rows_consumed,
                              st.mlflow_run_id)
         start.skipped = tuple(p for p, _ in skipped)
@@ -297,16 +305,52 @@ def run_train(
     client = MlflowClient(uri)
     with _failure_status(client, run_id), _watch(console, on_step, uri, run_id, start.step, t.max_steps):
         result = _fit(cfg, facts, start, storage, uri, run_id, callbacks)
-    _note_incomplete(storage, start.name, client, run_id)
+    return _finish(cfg, storage, start.name, facts, result, client, run_id, uri,
+                   aliases=[cfg.tracking.alias, *extra_aliases] if register else None)
+
+
+def _finish(cfg: RunConfig, storage: Storage, name: str, facts: DataFacts, result, client, run_id: str, uri: str, *,
+            aliases: list[str] | None) -> TrainOutcome:
+    """After a fit that finished: incomplete checkpoints listed, the metrics rank 0 could not send replayed
+    and accounted for, the final checkpoint registered (``aliases``; None: not registered), the run FINISHED.
+    A tracking server still away after ``tracking.end_wait_s`` leaves the run to ``rpt models register``."""
     ckpt_path = storage.uri_of(result.checkpoint.path) if result.checkpoint else None  # s3://... when remote
-    model_name = version = None
-    if register and ckpt_path:
-        model_name = cfg.tracking.registered_model or cfg.name
-        version = _register(storage, result.checkpoint.path, facts, run_id, model_name,
-                            [cfg.tracking.alias, *extra_aliases], uri)
+    metrics, model_name = dict(result.metrics or {}), cfg.tracking.registered_model or cfg.name
+    later = f"rpt models register {ckpt_path} --name {model_name} --tracking-uri {uri}"
+    later += "".join(f" --alias {a}" for a in aliases or [])
+    if not tracking.wait_reachable(uri, cfg.tracking.end_wait_s):
+        log.warning("MLflow (%s) has not answered for %.0f s after training: the checkpoint is kept, nothing is "
+                    "registered; when it answers again, run: %s", uri, cfg.tracking.end_wait_s, later)
+        return TrainOutcome(name, run_id, ckpt_path, None, None, metrics, uri, register_later=later)
+    _note_incomplete(storage, name, client, run_id)
+    replayed = tracking.replay_unsent(storage.filesystem, storage.path(name), client, run_id)
+    tracking.record_metric_stats(storage.filesystem, storage.path(name), client, run_id, replayed)
+    version = None
+    if aliases is not None and ckpt_path:
         client.set_tag(run_id, "rpt.checkpoint", ckpt_path)
+        version = _register_with_retry(storage, result.checkpoint.path, facts, run_id, model_name, aliases, uri, later)
     client.set_terminated(run_id, status="FINISHED")
-    return TrainOutcome(start.name, run_id, ckpt_path, model_name, version, dict(result.metrics or {}), uri)
+    return TrainOutcome(name, run_id, ckpt_path, model_name if version else None, version, metrics, uri,
+                        register_later=later if aliases is not None and ckpt_path and not version else None)
+
+
+def _register_with_retry(storage: Storage, path: str, facts: DataFacts, run_id: str, name: str, aliases: list[str],
+                         uri: str, later: str, attempts: int = 3, wait_s: float = 5.0) -> int | None:
+    """Registration retried (``attempts``, ``wait_s`` apart) when the tracking server fails; then the command
+    that registers the checkpoint later is logged and None returned (the training result stands)."""
+    import time
+
+    for i in range(attempts):
+        try:
+            return _register(storage, path, facts, run_id, name, aliases, uri)
+        except (ConfigError, FileNotFoundError):
+            raise
+        except Exception as e:  # a tracking server error: retry, then leave it to `rpt models register`
+            err = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            if i + 1 < attempts:
+                time.sleep(wait_s)
+    log.warning("registering %s failed %d times (%s); the checkpoint is kept: run %s", name, attempts, err, later)
+    return None
 
 
 @contextlib.contextmanager

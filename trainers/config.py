@@ -164,6 +164,10 @@ class TrackingSpec(_Strict):
     experiment: str = "ray-pretrain"
     artifact_root: str = Field("mlartifacts", description="artifact location for new experiments (path or URI)")
     registered_model: str | None = Field(None, description="MLflow registry name; None: the run name")
+    flush_timeout_s: float = Field(120.0, ge=0, description="at the end of a fit, how long rank 0 waits for metrics "
+                                   "that MLflow has not taken yet before keeping them in the run folder for the driver")
+    end_wait_s: float = Field(120.0, ge=0, description="at the end of a run, how long the driver waits for an "
+                              "unreachable tracking server before it leaves registration to `rpt models register`")
     alias: str = Field(
         "current",
         pattern=r"^[A-Za-z0-9_-]+$",

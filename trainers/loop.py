@@ -74,7 +74,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, plan: FitPlan, ctx, callbacks: Sequence[Callback] = ()):
         from trainers import schedules, workloads
         from trainers.engine import build_engine
-        from trainers.metrics import MlflowSink, NullSink, peak_tflops
+        from trainers.metrics import AsyncMlflowSink, NullSink, peak_tflops
 
         self.cfg, self.plan, self.ctx, t = cfg, plan, ctx, cfg.trainer
         self.rank, self.world = ctx.rank, ctx.world
@@ -87,7 +87,10 @@ class Trainer:
         self.lr_fn = schedules.get(cfg.schedule.name, **cfg.schedule_params())
         self.engine, self.optimizer = build_engine(model, t, cfg.optimizer)
         self.device = self.engine.device
-        self.sink = MlflowSink(plan.tracking_uri, plan.mlflow_run_id) if self.rank == 0 and plan.mlflow_run_id else NullSink()
+        spill = (plan.checkpoints.fs, plan.checkpoints.run_dir) if plan.checkpoints is not None else None
+        self.sink = (AsyncMlflowSink(plan.tracking_uri, plan.mlflow_run_id, spill=spill,
+                                     flush_timeout_s=cfg.tracking.flush_timeout_s)
+                     if self.rank == 0 and plan.mlflow_run_id else NullSink())
         self.peak_flops = peak_tflops(t.peak_tflops, t.use_gpu) * 1e12
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.state = TrainState(step=plan.start_step, schedule=cfg.schedule_description())
@@ -154,6 +157,14 @@ class Trainer:
 
     # ---- loop --------------------------------------------------------------------------------
     def fit(self) -> None:
+        try:
+            self._fit()
+        except BaseException:
+            self.sink.close(timeout_s=5.0)  # what it could not send is kept for the driver; the error goes on
+            raise
+        self.sink.close()
+
+    def _fit(self) -> None:
         t = self.cfg.trainer
         self._restore()
         if self.state.step >= t.max_steps:

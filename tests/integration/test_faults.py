@@ -10,13 +10,15 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from cluster.config import load_config
+from cluster.config import ConfigError, load_config
 from cluster.train import run_train
-from tests.support.callbacks import FailOnce, KillOnce
+from data.stream import load_shards, pieces_row_ids, rank_pieces
+from tests.support.callbacks import AuditRows, FailOnce, KillOnce
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -65,10 +67,10 @@ def assert_same_as_baseline(baseline, got: dict[int, list[float]], checkpoint: s
 @pytest.mark.parametrize("fault", ["exception", "sigkill"])
 def test_worker_fault_restarts_from_the_checkpoint_and_matches_the_undisturbed_run(
         baseline, debug_data, tmp_path, tracking_uri, fault):
-    marker = tmp_path / "fault"
+    marker, audit = tmp_path / "fault", tmp_path / "audit"
     inject = FailOnce(step=13, marker=marker) if fault == "exception" else KillOnce(step=13, marker=marker)
     out = run_train(cfg(debug_data, tmp_path, f"fault-{fault}"), tracking_uri=tracking_uri, register=False,
-                    callbacks=[inject])
+                    callbacks=[inject, AuditRows(audit)])
     assert marker.is_file() and out.metrics["step"] == 24
     got = losses(tracking_uri, out.mlflow_run_id)
     # restarted from the step-8 checkpoint, not from zero: steps 9..12 were logged twice (the fault hits step 13
@@ -76,12 +78,22 @@ def test_worker_fault_restarts_from_the_checkpoint_and_matches_the_undisturbed_r
     assert {s for s, v in got.items() if len(v) == 2} == set(range(9, 13))
     assert all(len(v) == 1 for s, v in got.items() if s not in range(9, 13))
     assert_same_as_baseline(baseline, got, out.checkpoint)
+    # exactly once: every planned row of each rank committed once, in plan order (the restart re-read none)
+    shards = load_shards(debug_data, "train")
+    for rank in range(2):
+        rows = np.concatenate([np.load(f) for f in sorted(audit.glob(f"rank{rank}-step*.npy"))])
+        want = pieces_row_ids(rank_pieces(shards, world_size=2, rank=rank, seed=0, start=0, count=24 * 8))
+        np.testing.assert_array_equal(rows, want)
 
 
 def test_resume_skips_cut_off_and_damaged_checkpoints_and_matches_the_undisturbed_run(
         baseline, debug_data, tmp_path, tracking_uri, caplog):
     first = run_train(cfg(debug_data, tmp_path, "resume-damage", "trainer.max_steps=16"), tracking_uri=tracking_uri,
                       register=False)
+    with pytest.raises(ConfigError, match=r"written by 2 workers and trainer.num_workers=1; resume with "
+                                          r"trainer.num_workers=2"):
+        run_train(cfg(debug_data, tmp_path, "resume-damage", "trainer.num_workers=1"), resume=True,
+                  tracking_uri=tracking_uri, register=False)
     run = tmp_path / "results" / "resume-damage"
     ckpt16 = Path(first.checkpoint)
     # damaged afterwards: rank 1's optimizer shard of the newest checkpoint loses its second half

@@ -12,7 +12,7 @@ import torch
 from cluster.config import load_config
 from cluster.train import run_train
 from data.stream import load_shards, pieces_row_ids, rank_pieces
-from tests.support.callbacks import AuditRows, FailOnce
+from tests.support.callbacks import AuditRows
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -100,37 +100,6 @@ def test_two_worker_zero2_run_tracks_checkpoints_and_registers(ray_session, debu
     with torch.no_grad():
         torch.testing.assert_close(model(batch), direct.eval()(batch), rtol=0, atol=0)
     assert out.model_version >= 1
-
-
-def test_worker_failure_restarts_without_repeating_or_skipping_rows(ray_session, debug_data, tmp_path, tracking_uri):
-    audit = tmp_path / "audit"
-    cfg = debug_cfg(
-        debug_data, tmp_path,
-        "trainer.max_steps=24", "trainer.checkpoint_every=8", "trainer.eval_every=100",
-        "trainer.max_failures=1", "trainer.log_every=1",
-    )
-    marker = tmp_path / ".failure_injected"
-    out = run_train(cfg, tracking_uri=tracking_uri, register=False,
-                    callbacks=[FailOnce(step=13, marker=marker), AuditRows(audit)])
-    assert out.metrics["step"] == 24
-    # the interrupted-and-restarted run logs the LR of the uninterrupted schedule at every step
-    import mlflow
-
-    from trainers import schedules
-
-    f = schedules.get("cosine", **cfg.schedule_params())
-    hist = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri).get_metric_history(out.mlflow_run_id, "lr")
-    assert {m.step for m in hist} == set(range(1, 25))
-    for m in hist:  # steps 9..13 were logged twice (before the failure and after the restart): same values
-        assert m.value == pytest.approx(3e-3 * f(m.step), rel=1e-12), m.step
-    assert marker.read_text().startswith("failure injected at step 13")
-    per_rank = []
-    for rank in range(2):
-        got = read_audit(audit, rank)
-        np.testing.assert_array_equal(got, expected_rows(debug_data, world=2, rank=rank, seed=0, start=0, count=24 * 8))
-        per_rank.append(got)
-    allrows = np.concatenate(per_rank)
-    assert len(np.unique(allrows)) == len(allrows) == 2 * 24 * 8  # every row of the covered range exactly once
 
 
 def test_nan_start_model_stops_the_run_fails_it_and_registers_nothing(ray_session, debug_data, tmp_path, tracking_uri):

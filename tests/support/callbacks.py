@@ -63,3 +63,20 @@ class KillOnce(Callback):
         Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
         Path(self.marker).write_text(f"SIGKILL at step {step}, pid {os.getpid()}\n")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillServer(Callback):
+    """Rank 0 kills the MLflow server's process group with SIGKILL at ``step``, once (the marker file records
+    it): the tracking server goes away mid-run, for real."""
+
+    def __init__(self, step: int, pgid: int, marker: str | Path):
+        self.step, self.pgid, self.marker = step, pgid, str(marker)
+
+    def on_step_end(self, trainer, step: int, out) -> None:
+        import os
+        import signal
+
+        if step != self.step or trainer.rank != 0 or Path(self.marker).exists():
+            return
+        os.killpg(self.pgid, signal.SIGKILL)
+        Path(self.marker).write_text(f"MLflow server killed at step {step}\n")
