@@ -164,6 +164,8 @@ class TrackingSpec(_Strict):
     experiment: str = "ray-pretrain"
     artifact_root: str = Field("mlartifacts", description="artifact location for new experiments (path or URI)")
     registered_model: str | None = Field(None, description="MLflow registry name; None: the run name")
+    system_metrics_every_s: float = Field(10.0, ge=0, description="MLflow system metrics (CPU, memory, disk, "
+                                          "network, GPU) of rank 0's node every so many seconds; 0: off")
     flush_timeout_s: float = Field(120.0, ge=0, description="at the end of a fit, how long rank 0 waits for metrics "
                                    "that MLflow has not taken yet before keeping them in the run folder for the driver")
     end_wait_s: float = Field(120.0, ge=0, description="at the end of a run, how long the driver waits for an "

@@ -74,7 +74,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, plan: FitPlan, ctx, callbacks: Sequence[Callback] = ()):
         from trainers import schedules, workloads
         from trainers.engine import build_engine
-        from trainers.metrics import AsyncMlflowSink, NullSink, peak_tflops
+        from trainers.metrics import AsyncMlflowSink, NullSink, peak_tflops, system_monitor
 
         self.cfg, self.plan, self.ctx, t = cfg, plan, ctx, cfg.trainer
         self.rank, self.world = ctx.rank, ctx.world
@@ -91,6 +91,8 @@ class Trainer:
         self.sink = (AsyncMlflowSink(plan.tracking_uri, plan.mlflow_run_id, spill=spill,
                                      flush_timeout_s=cfg.tracking.flush_timeout_s)
                      if self.rank == 0 and plan.mlflow_run_id else NullSink())
+        self.monitor = (system_monitor(plan.tracking_uri, plan.mlflow_run_id, cfg.tracking.system_metrics_every_s)
+                        if self.rank == 0 and plan.mlflow_run_id else None)
         self.peak_flops = peak_tflops(t.peak_tflops, t.use_gpu) * 1e12
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.state = TrainState(step=plan.start_step, schedule=cfg.schedule_description())
@@ -162,6 +164,9 @@ class Trainer:
         except BaseException:
             self.sink.close(timeout_s=5.0)  # what it could not send is kept for the driver; the error goes on
             raise
+        finally:
+            if self.monitor is not None:
+                self.monitor.finish()
         self.sink.close()
 
     def _fit(self) -> None:

@@ -128,6 +128,19 @@ class AsyncMlflowSink:
             f.write(json.dumps({**self.stats, "run_id": self.run_id}).encode())
 
 
+def system_monitor(tracking_uri: str, run_id: str, every_s: float):
+    """MLflow's system metrics (``system/cpu_utilization_percentage``, memory, disk, network, GPU when present)
+    of rank 0's node, sampled every ``every_s`` seconds in MLflow's own thread; None when off (``every_s`` 0)."""
+    if every_s <= 0:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, samples_before_logging=1,
+                                   tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
 def measured_cpu_tflops(n: int = 512, repeats: int = 5) -> float:
     """Achieved fp32 matmul TFLOP/s of this process's CPU threads: the MFU denominator on CPU.
 

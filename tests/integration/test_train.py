@@ -48,7 +48,7 @@ def test_two_worker_zero2_run_tracks_checkpoints_and_registers(ray_session, debu
     from models import build
     from models.io import load_pretrained
 
-    cfg = debug_cfg(debug_data, tmp_path, "trainer.max_steps=20")
+    cfg = debug_cfg(debug_data, tmp_path, "trainer.max_steps=20", "tracking.system_metrics_every_s=1")
     out = run_train(cfg, tracking_uri=tracking_uri, callbacks=[AuditRows(tmp_path / "audit")])
 
     # the loss went down (MLflow holds the series at the logged steps)
@@ -62,6 +62,11 @@ def test_two_worker_zero2_run_tracks_checkpoints_and_registers(ray_session, debu
         hist = client.get_metric_history(out.mlflow_run_id, key)
         assert [m.step for m in hist] == [5, 10, 15, 20], key
     assert all(m.value > 0 for m in client.get_metric_history(out.mlflow_run_id, "perf/tokens_per_s"))
+    # MLflow's system metrics of rank 0's node, sampled every second while it trained
+    cpu = client.get_metric_history(out.mlflow_run_id, "system/cpu_utilization_percentage")
+    assert cpu and all(0 <= m.value <= 100 * 64 for m in cpu)
+    run = client.get_run(out.mlflow_run_id)
+    assert run.data.tags["rpt.metrics.logged"] == run.data.tags["rpt.metrics.sent"] != "0"  # delivered, none late
     arts = {a.path for a in client.list_artifacts(out.mlflow_run_id)}
     assert {"config.yaml", "data"} <= arts
     mv = client.get_model_version_by_alias(out.model_name, "current")
