@@ -244,7 +244,11 @@ def resolve_storage(storage_path: str, *, create: bool = True) -> Storage:
     if not is_uri(storage_path):
         root = Path(storage_path).expanduser().resolve()
         if create:
-            root.mkdir(parents=True, exist_ok=True)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"storage_path={storage_path!r} cannot be created ({e.strerror or e}: {e.filename or root}); "
+                                   "point storage_path at a folder you can write") from None
         return Storage(uri=str(root), root=str(root), filesystem=pafs.LocalFileSystem(), remote=False)
 
     parts = urlsplit(storage_path)

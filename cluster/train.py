@@ -75,12 +75,44 @@ def translate_worker_error(e: BaseException, run_name: str, log_dir: Path) -> Tr
         where = f"on rank {rank} ({type(cause).__name__})"
         # the first line: the worker's message (Ray may append hints of its own below it)
         what = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        what += _storage_hint(str(cause))
     else:
         where, what = f"({type(e).__name__})", str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        what += _storage_hint(str(e))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "error.log"
     log_path.write_text("".join(traceback.format_exception(e)) + "\n" + str(e) + "\n")
     return TrainingError(f"training run {run_name!r} failed {where}: {what}", log_path)
+
+
+def _storage_hint(text: str) -> str:
+    """The fix for a fit that could not write its storage (full, read-only or forbidden), found by the system's
+    error message in ``text`` (libraries such as pyarrow wrap the OSError and drop its errno)."""
+    import errno
+    import os
+
+    why = {errno.ENOSPC: "the storage is full", errno.EDQUOT: "the storage quota is used up",
+           errno.EROFS: "the storage is read-only", errno.EACCES: "the storage refuses writes"}
+    found = next((w for n, w in why.items() if os.strerror(n) in text), None)
+    if found is None:
+        return ""
+    return (f" ({found}: free space or point storage_path at a writable folder, then `rpt train --resume` "
+            "continues from the run's last complete checkpoint; incomplete ones are skipped)")
+
+
+def check_writable(storage: Storage, run_name: str) -> None:
+    """The run folder can be created and written (before the MLflow run or Ray start): a clear error naming
+    ``storage_path`` otherwise."""
+    probe = storage.path(run_name, ".rpt-write-check")
+    try:
+        storage.makedirs(storage.path(run_name))
+        storage.write_text(probe, "ok")
+        storage.filesystem.delete_file(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"storage_path={storage.uri!r} is not writable ({e.strerror or e}: {storage.uri_of(storage.path(run_name))}); "
+            "point storage_path at a folder you can write, with room for the checkpoints"
+        ) from None
 
 
 @dataclass
@@ -298,6 +330,7 @@ def run_train(
     facts = check_data(cfg)
     cfg = fill_from_data(cfg, facts)
     start = fit_start(cfg, storage, resume)
+    check_writable(storage, start.name)
     run_id = open_tracking(cfg, uri, start, facts, parent_run_id=parent_run_id, tags=tags)
     storage.write_text(storage.path(start.name, RUN_FILE), json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
     t = cfg.trainer

@@ -119,3 +119,49 @@ def test_resume_skips_cut_off_and_damaged_checkpoints_and_matches_the_undisturbe
     assert cut.is_dir() and shard.is_file()
     tag = mlflow.MlflowClient(tracking_uri).get_run(second.mlflow_run_id).data.tags["rpt.incomplete_checkpoints"]
     assert str(cut) in tag and str(ckpt16) in tag
+
+
+@pytest.fixture
+def tiny_storage(tmp_path):
+    """A 6 MiB tmpfs: room for one checkpoint of the debug run (~4 MiB), not two."""
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()}): needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_storage_fails_in_one_paragraph_and_keeps_the_last_complete_checkpoint(
+        ray_session, debug_data, tmp_path, tracking_uri, tiny_storage):
+    import mlflow
+
+    from cluster.storage import resolve_storage
+    from cluster.train import TrainingError
+
+    c = cfg(debug_data, tmp_path, "full", "trainer.max_failures=0").model_copy(update={"storage_path": str(tiny_storage)})
+    with pytest.raises(TrainingError) as e:
+        run_train(c, tracking_uri=tracking_uri, register=False)
+    msg = str(e.value)
+    assert "No space left on device" in msg and "the storage is full" in msg, msg
+    assert "--resume" in msg and "\n" not in msg
+    storage = resolve_storage(str(tiny_storage), create=False)
+    found, skipped = storage.newest_checkpoint("full")
+    assert found is not None and found[0].step == 8  # the first checkpoint is whole; the cut-off one is skipped
+    assert all(why for _, why in skipped)
+    runs = mlflow.MlflowClient(tracking_uri).search_runs(
+        [mlflow.MlflowClient(tracking_uri).get_experiment_by_name("ray-pretrain-debug").experiment_id])
+    assert [r.info.status for r in runs if r.info.run_name == "full"] == ["FAILED"]
+
+
+def test_unwritable_storage_path_is_refused_before_anything_starts(debug_data, tmp_path, tracking_uri):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    c = cfg(debug_data, tmp_path, "nowrite").model_copy(update={"storage_path": str(blocker / "results")})
+    with pytest.raises(ConfigError, match=r"storage_path=.*a-file/results.* cannot be created .*point storage_path at a "
+                                          r"folder you can write"):
+        run_train(c, tracking_uri=tracking_uri, register=False)
+    assert blocker.read_text() == "not a folder"
