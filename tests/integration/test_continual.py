@@ -135,6 +135,11 @@ def test_cosine_rewarm_from_registered_model_with_replay(infinite_run, cl_data, 
     np.testing.assert_array_equal(rep[:12], expected)
 
 
+def trial_results_of(report, label: str) -> list[Path]:
+    return [p for p in Path(report["tune_dir"]).rglob("continual_result.json")
+            if json.loads(p.read_text())["label"] == label]
+
+
 def test_tune_comparison_two_schedules_two_seeds(cl_data, tmp_path):
     import mlflow
 
@@ -197,6 +202,21 @@ def test_tune_comparison_two_schedules_two_seeds(cl_data, tmp_path):
         assert np.isclose(curve[-1][1], result["summary"]["final_avg_loss"])
         assert np.isclose(curve[2][1], np.mean(result["L"][0]))
     assert set(report["reports_per_trial"].values()) == {6} and report["stopped"] == []
+    # each trial ran the schedule it is labelled with: its task runs logged lr_peak x that schedule at every step
+    study = load_tune(tune_cfg)
+    for t in trials:
+        label = t.data.tags["rpt.schedule_label"]
+        c = load_continual(cont, study.trial_overrides({"schedule": label}))
+        f = schedules.get(c.schedule["name"], **c.schedule_params())
+        kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{t.info.run_id}'")
+        lrs = {m.step: m.value for k in kids for m in client.get_metric_history(k.info.run_id, "lr")}
+        assert lrs and all(v == pytest.approx(PEAK * f(s), rel=1e-9) for s, v in lrs.items()), label
+    # the table's mean ± std are those of the trials' own results (population std over seeds)
+    for label, row in agg.items():
+        mine = [json.loads(p.read_text()) for p in trial_results_of(report, label)]
+        for m in ("final_avg_loss", "mean_forgetting", "mean_adaptation"):
+            vals = np.array([r["summary"][m] for r in mine])
+            assert row[m] == pytest.approx((vals.mean(), vals.std()), rel=1e-12, abs=1e-12), (label, m)
 
 
 def test_tune_loguniform_search_with_asha_stops_poor_trials(cl_data, tmp_path):

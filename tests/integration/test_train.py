@@ -71,6 +71,14 @@ def test_two_worker_zero2_run_tracks_checkpoints_and_registers(ray_session, debu
     assert {"config.yaml", "data"} <= arts
     mv = client.get_model_version_by_alias(out.model_name, "current")
     assert int(mv.version) == out.model_version and mv.run_id == out.mlflow_run_id
+    # a second registration moves the alias to the new version; the old one stays
+    from cluster.registry import register_checkpoint
+
+    v2 = register_checkpoint(out.checkpoint, run_id=out.mlflow_run_id, name=out.model_name, aliases=["current"],
+                             tracking_uri=tracking_uri)
+    assert v2 == out.model_version + 1
+    assert int(client.get_model_version_by_alias(out.model_name, "current").version) == v2
+    assert client.get_model_version(out.model_name, str(out.model_version)).run_id == out.mlflow_run_id
     logged = client.download_artifacts(out.mlflow_run_id, "config.yaml", str(tmp_path))
     assert "max_steps: 20" in Path(logged).read_text()
 
