@@ -449,9 +449,8 @@ def _fit(cfg: RunConfig, facts: DataFacts, start: FitStart, storage: Storage, ur
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "fit": fit, "callbacks": list(callbacks)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
-        ),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker, **t.worker_resources}),
         run_config=ray.train.RunConfig(
             name=start.name,
             **storage.ray_run_config_kwargs(),  # storage_path (+ storage_filesystem for s3://)

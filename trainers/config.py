@@ -120,6 +120,9 @@ class TrainerSpec(_Strict):
     num_workers: int = Field(2, ge=1, le=4096)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each worker needs besides its CPUs/GPU, e.g. "
+        "{trainer_node: 1} to place the workers on nodes started with --resources '{\"trainer_node\": N}'")
     max_steps: int = Field(300, ge=1, description="optimizer steps of this run (global, across resumes)")
     micro_batch_size: int = Field(16, ge=1, description="rows per rank per forward pass")
     grad_accum_steps: int = Field(1, ge=1)

@@ -165,3 +165,83 @@ def test_unwritable_storage_path_is_refused_before_anything_starts(debug_data, t
                                           r"folder you can write"):
         run_train(c, tracking_uri=tracking_uri, register=False)
     assert blocker.read_text() == "not a folder"
+
+
+class ExtraNode:
+    """A second Ray node joined to the session's instance (`ray start --address ... --block`, its own process
+    group) offering the custom resource the training workers need, so they run on it; removed with SIGKILL."""
+
+    def __init__(self, gcs: str, log: Path):
+        self.gcs, self.log, self.proc = gcs, log, None
+
+    def start(self, timeout_s: float = 120.0) -> ExtraNode:
+        import subprocess
+        import sys
+        import time
+
+        import ray
+
+        before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([ray_cli, "start", "--address", self.gcs, "--num-cpus", "2", "--resources",
+                                          '{"rpt_trainer": 2}', "--block", "--disable-usage-stats"],
+                                         stdout=out, stderr=out, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            new = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before
+                   and n["Resources"].get("rpt_trainer")]
+            if new:
+                self.node_id = new[0]["NodeID"]
+                return self
+            time.sleep(0.5)
+        raise RuntimeError(f"the extra node did not join: {self.log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        import os
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def test_node_removal_restarts_on_a_fresh_node_and_matches_the_undisturbed_run(
+        ray_session, baseline, debug_data, tmp_path, tracking_uri):
+    """The node the workers run on is killed at step 13 (its raylet and workers, SIGKILL) and a fresh node
+    joins: the run restarts there from the step-8 checkpoint and ends as the undisturbed run."""
+    import threading
+    import time
+
+    import ray
+
+    from tests.support.callbacks import PauseAt
+
+    gcs = ray.get_runtime_context().gcs_address
+    nodes = [ExtraNode(gcs, tmp_path / "node-a.log").start()]
+    marker = tmp_path / "paused"
+    removed: dict[str, float] = {}
+
+    def remove_and_replace():
+        while not marker.exists():
+            time.sleep(0.2)
+        nodes[0].kill()
+        removed["at"] = time.monotonic()
+        nodes.append(ExtraNode(gcs, tmp_path / "node-b.log").start())
+
+    th = threading.Thread(target=remove_and_replace, daemon=True)
+    th.start()
+    try:
+        out = run_train(cfg(debug_data, tmp_path, "node-loss", 'trainer.worker_resources={"rpt_trainer": 1}'),
+                        tracking_uri=tracking_uri, register=False, callbacks=[PauseAt(step=13, marker=marker)])
+        th.join(60)
+        assert removed and out.metrics["step"] == 24
+        got = losses(tracking_uri, out.mlflow_run_id)
+        assert {s for s, v in got.items() if len(v) == 2} == set(range(9, 13))
+        assert_same_as_baseline(baseline, got, out.checkpoint)
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert nodes[0].node_id not in alive and nodes[1].node_id in alive
+        print(f"node removal: run finished {time.monotonic() - removed['at']:.1f} s after the node was killed")
+    finally:
+        for n in nodes:
+            n.kill()

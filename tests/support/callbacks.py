@@ -80,3 +80,19 @@ class KillServer(Callback):
             return
         os.killpg(self.pgid, signal.SIGKILL)
         Path(self.marker).write_text(f"MLflow server killed at step {step}\n")
+
+
+class PauseAt(Callback):
+    """Rank 0 writes ``marker`` at ``step`` and waits there (up to ``hold_s``), once: the test removes the
+    node under it meanwhile, so the fault lands at a known step."""
+
+    def __init__(self, step: int, marker: str | Path, hold_s: float = 120.0):
+        self.step, self.marker, self.hold_s = step, str(marker), hold_s
+
+    def on_step_end(self, trainer, step: int, out) -> None:
+        import time
+
+        if step != self.step or trainer.rank != 0 or Path(self.marker).exists():
+            return
+        Path(self.marker).write_text(f"paused at step {step}\n")
+        time.sleep(self.hold_s)
