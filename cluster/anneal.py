@@ -19,34 +19,41 @@ from trainers.checkpoint import TrainState
 from trainers.config import TrainerSpec
 
 
-def resolve_checkpoint(source: str, tracking_uri: str) -> Path:
-    """A checkpoint folder, or the checkpoint behind a registered model (``NAME@ALIAS``, ``models:/...``)."""
+def resolve_checkpoint(source: str, tracking_uri: str, storage_path: str | None = None) -> tuple[str, TrainState]:
+    """A checkpoint (local folder, or a URI such as ``s3://...`` read through ``storage_path``'s store, default
+    the URI's bucket with the environment's endpoint), or the checkpoint behind a registered model
+    (``NAME@ALIAS``, ``models:/...``); with its train state."""
+    from cluster.storage import StorageError, is_uri, resolve_storage
+
+    if is_uri(source):
+        try:
+            storage = resolve_storage(storage_path or "/".join(source.split("/", 3)[:3]), create=False)
+            return source, storage.state_of(source)
+        except (StorageError, FileNotFoundError) as e:
+            raise ConfigError(f"checkpoint {source!r}: {e}") from None
     path = Path(source)
     if path.is_dir():
-        TrainState.load(path)  # fails clearly if it is not one of ours
-        return path
-    from mlflow import MlflowClient
-
+        return str(path.resolve()), TrainState.load(path)  # fails clearly if it is not one of ours
     from cluster.registry import model_version
 
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         mv = model_version(source, tracking_uri)
     except Exception as e:
         raise ConfigError(f"{source!r} is neither a checkpoint folder nor a registered model version ({e})") from None
-    ckpt = client.get_run(mv.run_id).data.tags.get("rpt.checkpoint")
-    if not ckpt or not Path(ckpt).is_dir():
+    from mlflow import MlflowClient
+
+    ckpt = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_run(mv.run_id).data.tags.get("rpt.checkpoint")
+    if not ckpt or not (is_uri(ckpt) or Path(ckpt).is_dir()):
         raise ConfigError(
             f"registered model {source!r} (run {mv.run_id}) has no reachable training checkpoint "
             f"(tag rpt.checkpoint={ckpt!r}); pass the checkpoint folder instead"
         )
-    return Path(ckpt)
+    return resolve_checkpoint(ckpt, tracking_uri, storage_path)
 
 
-def anneal_config(checkpoint: Path, steps: int, overrides: list[str], alias: str):
-    """The run config of an anneal branch from ``checkpoint``: its own config, its schedule annealing
-    from the checkpoint's step for ``steps`` steps, full state resumed."""
-    st = TrainState.load(checkpoint)
+def anneal_config(checkpoint: str, st: TrainState, steps: int, overrides: list[str], alias: str):
+    """The run config of an anneal branch from ``checkpoint`` (train state ``st``): its own config, its
+    schedule annealing from the checkpoint's step for ``steps`` steps, full state resumed."""
     name = st.schedule.get("name")
     branching = schedules.with_capability("anneal_branch")
     if name not in branching:
@@ -63,8 +70,7 @@ def anneal_config(checkpoint: Path, steps: int, overrides: list[str], alias: str
     raw["schedule"] = {"name": name, **params}
     # fields of the checkpoint's trainer config that this version still has (older ones may hold removed fields)
     trainer = {k: v for k, v in raw["trainer"].items() if k in TrainerSpec.model_fields}
-    raw["trainer"] = {**trainer, "max_steps": st.step + steps, "resume_from": str(checkpoint.resolve()),
-                      "init_from": None}
+    raw["trainer"] = {**trainer, "max_steps": st.step + steps, "resume_from": checkpoint, "init_from": None}
     raw["tracking"] = {**raw["tracking"], "alias": alias}
     return validate_config(apply_overrides(raw, overrides), source=f"anneal branch of {checkpoint}")
 
@@ -72,8 +78,13 @@ def anneal_config(checkpoint: Path, steps: int, overrides: list[str], alias: str
 def run_anneal(
     source: str, *, steps: int, overrides: list[str] | None = None, alias: str = "annealed",
     tracking_uri: str, address: str | None = None, parent_run_id: str | None = None, callbacks: Sequence[Any] = (),
+    storage_path: str | None = None,
 ) -> TrainOutcome:
-    ckpt = resolve_checkpoint(source, tracking_uri)
-    cfg = anneal_config(ckpt, steps, list(overrides or []), alias)
+    """An anneal branch of ``source`` into a new run (``storage_path``: the store of an ``s3://`` source, with its
+    options; the branch's run goes to the source run's ``storage_path`` unless overridden)."""
+    ckpt, state = resolve_checkpoint(source, tracking_uri, storage_path)
+    cfg = anneal_config(ckpt, state, steps, list(overrides or []), alias)
+    if storage_path and not any(o.startswith("storage_path=") for o in overrides or []):
+        cfg = cfg.model_copy(update={"storage_path": storage_path})
     return run_train(cfg, address=address, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                     tags={"rpt.anneal_source": str(ckpt.resolve())}, callbacks=callbacks)
+                     tags={"rpt.anneal_source": ckpt}, callbacks=callbacks)

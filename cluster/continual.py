@@ -240,7 +240,7 @@ def _train_sequence(cfg: ContinualConfig, client, seq: str, *, uri: str, address
                  "step": out.metrics.get("step")}
         if cfg.anneal_steps:
             ann = run_anneal(out.checkpoint, steps=cfg.anneal_steps, alias=f"task-{i}-annealed", tracking_uri=uri,
-                             address=address, parent_run_id=seq)
+                             address=address, parent_run_id=seq, storage_path=cfg.storage_path)
             L_annealed.append([float(ann.metrics[f"val/{n}/loss"]) for n in names])
             entry.update(annealed_run_id=ann.mlflow_run_id, annealed_version=ann.model_version)
         runs.append(entry)

@@ -187,6 +187,16 @@ class Storage:
                     out.append((info.path, problem))
         return out
 
+    def state_of(self, checkpoint: str) -> TrainState:
+        """The train state of a checkpoint given as a local folder or as a URI of this store (``s3://...``: a
+        checkpoint another run of this storage wrote, e.g. the previous continual task's)."""
+        if not is_uri(checkpoint):
+            return TrainState.load(checkpoint)
+        if not self.remote or not checkpoint.startswith(self.uri.split("/", 3)[0] + "//" + self.root.split("/")[0]):
+            raise StorageError(f"{checkpoint!r} is not in this run's storage ({self.uri}): give a checkpoint of the "
+                               "same store, or a local folder")
+        return self.read_train_state(checkpoint.split("://", 1)[1])
+
     def read_train_state(self, checkpoint_path: str) -> TrainState:
         path = _join(checkpoint_path, TRAIN_STATE, remote=self.remote)
         if not self.exists(path):

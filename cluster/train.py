@@ -19,7 +19,7 @@ from cluster import tracking
 from cluster.config import ConfigError, dump_config
 from cluster.data_check import check_data, fill_from_data
 from cluster.storage import Storage, StorageError, resolve_storage
-from trainers.checkpoint import CheckpointDir, TrainState
+from trainers.checkpoint import CheckpointDir
 from trainers.config import RunConfig
 from trainers.workloads import DataFacts
 
@@ -229,7 +229,10 @@ def fit_start(cfg: RunConfig, storage: Storage, resume: bool) -> FitStart:
         return start
     start = FitStart(_unique_run_name(storage, cfg.name))
     if t.resume_from:
-        st = TrainState.load(t.resume_from)
+        try:
+            st = storage.state_of(t.resume_from)
+        except (StorageError, FileNotFoundError) as e:
+            raise ConfigError(f"trainer.resume_from: {e}") from None
         pos = st.data_position
         start.step = st.step
         if t.resume_data_position:
@@ -263,7 +266,8 @@ def open_tracking(cfg: RunConfig, uri: str, start: FitStart, facts: DataFacts, *
     client.log_text(run_id, dump_config(cfg), "config.yaml")
     client.log_text(run_id, facts.manifest.model_dump_json(indent=2), "data/manifest.json")
     if cfg.trainer.resume_from:
-        client.set_tag(run_id, "rpt.resume_from", str(Path(cfg.trainer.resume_from).resolve()))
+        src = cfg.trainer.resume_from
+        client.set_tag(run_id, "rpt.resume_from", src if "://" in src else str(Path(src).resolve()))
     _log_lr_plot(client, run_id, cfg)
     return run_id
 

@@ -16,11 +16,13 @@ context (:mod:`trainers.context`): Ray Train's in production, an in-memory one i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,8 +117,7 @@ class Trainer:
         """This run's own latest checkpoint (restart after a failure, or ``--resume``), else
         ``trainer.resume_from`` (a new run continuing another run's full state: a new task, an anneal branch)."""
         t = self.cfg.trainer
-        with self.ctx.latest_checkpoint() as own:
-            src = own if own is not None else t.resume_from
+        with self.ctx.latest_checkpoint() as own, self._resume_source(own) as src:
             if src is None:
                 return
             self.state = load_checkpoint(self.engine, src)
@@ -130,6 +131,17 @@ class Trainer:
         self.batches.restore(self.state.data_position)
         if self.rank == 0:
             log.info("resumed at step %d, data position %s", self.state.step, self.batches.rows)
+
+    @contextlib.contextmanager
+    def _resume_source(self, own: Path | None) -> Iterator[Path | str | None]:
+        """What to restore: the run's own checkpoint, else ``trainer.resume_from`` (a URI such as ``s3://...`` is
+        read through the run's storage filesystem into a temporary folder, as the run's own checkpoints are)."""
+        src = self.cfg.trainer.resume_from
+        if own is not None or src is None or "://" not in src:
+            yield own if own is not None else src
+            return
+        with self.plan.checkpoints.local(src.split("://", 1)[1]) as local:
+            yield local
 
     def _note_schedule_change(self) -> None:
         """The configured schedule and peak LR govern from the restored step on (the step and the config are

@@ -14,6 +14,7 @@ from cluster.config import ConfigError
 from cluster.train import run_train
 from tests.integration.test_train import debug_cfg, expected_rows, read_audit
 from tests.support.callbacks import AuditRows
+from trainers.checkpoint import TrainState
 
 pytestmark = pytest.mark.integration
 INFINITE = "schedule={name: infinite, warmup_steps: 2, cooldown_steps: 4, anneal_steps: 0, const_ratio: 0.5, min_ratio: 0.1}"
@@ -75,9 +76,9 @@ def test_anneal_needs_infinite_constant_phase(tmp_path):
     base = {"step": 10, "tokens_seen": 0, "data_position": {}, "mlflow_run_id": None, "config": {}}
     (ck / "train_state.json").write_text(json.dumps({**base, "schedule": {"name": "cosine", "params": {}}}))
     with pytest.raises(ConfigError, match="'cosine'.*infinite"):
-        anneal_config(ck, 5, [], "annealed")
+        anneal_config(str(ck), TrainState.load(ck), 5, [], "annealed")
     params = {"warmup_steps": 2, "cooldown_steps": 20, "anneal_steps": 0, "const_ratio": 0.5, "min_ratio": 0.1,
               "total_steps": 100}
     (ck / "train_state.json").write_text(json.dumps({**base, "schedule": {"name": "infinite", "params": params}}))
     with pytest.raises(ConfigError, match="outside the constant phase"):
-        anneal_config(ck, 5, [], "annealed")
+        anneal_config(str(ck), TrainState.load(ck), 5, [], "annealed")
