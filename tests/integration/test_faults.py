@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -47,10 +48,21 @@ def losses(uri: str, run_id: str) -> dict[int, list[float]]:
 def baseline(ray_session, debug_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baseline")
     uri = f"sqlite:///{tmp / 'mlruns.db'}"
+    t0 = time.monotonic()
     out = run_train(cfg(debug_data, tmp, "baseline"), tracking_uri=uri, register=False)
+    TIMES["undisturbed"] = time.monotonic() - t0
     got = losses(uri, out.mlflow_run_id)
     assert sorted(got) == list(range(1, 25)) and all(len(v) == 1 for v in got.values())
     return {s: v[0] for s, v in got.items()}, load_file(str(Path(out.checkpoint, "model.safetensors")))
+
+
+TIMES: dict[str, float] = {}  # fit wall times, printed for the README's reliability table (pytest -s)
+
+
+def report(name: str, seconds: float, redone: int) -> None:
+    base = TIMES.get("undisturbed", float("nan"))
+    print(f"\nRELIABILITY {name}: fit {seconds:.1f} s (undisturbed {base:.1f} s, +{seconds - base:.1f} s), "
+          f"{redone} steps redone, losses and final weights identical")
 
 
 def assert_same_as_baseline(baseline, got: dict[int, list[float]], checkpoint: str) -> None:
@@ -69,8 +81,10 @@ def test_worker_fault_restarts_from_the_checkpoint_and_matches_the_undisturbed_r
         baseline, debug_data, tmp_path, tracking_uri, fault):
     marker, audit = tmp_path / "fault", tmp_path / "audit"
     inject = FailOnce(step=13, marker=marker) if fault == "exception" else KillOnce(step=13, marker=marker)
+    t0 = time.monotonic()
     out = run_train(cfg(debug_data, tmp_path, f"fault-{fault}"), tracking_uri=tracking_uri, register=False,
                     callbacks=[inject, AuditRows(audit)])
+    seconds = time.monotonic() - t0
     assert marker.is_file() and out.metrics["step"] == 24
     got = losses(tracking_uri, out.mlflow_run_id)
     # restarted from the step-8 checkpoint, not from zero: steps 9..12 were logged twice (the fault hits step 13
@@ -84,6 +98,7 @@ def test_worker_fault_restarts_from_the_checkpoint_and_matches_the_undisturbed_r
         rows = np.concatenate([np.load(f) for f in sorted(audit.glob(f"rank{rank}-step*.npy"))])
         want = pieces_row_ids(rank_pieces(shards, world_size=2, rank=rank, seed=0, start=0, count=24 * 8))
         np.testing.assert_array_equal(rows, want)
+    report(f"worker {fault}", seconds, 4)
 
 
 def test_resume_skips_cut_off_and_damaged_checkpoints_and_matches_the_undisturbed_run(
@@ -102,9 +117,11 @@ def test_resume_skips_cut_off_and_damaged_checkpoints_and_matches_the_undisturbe
     # cut off mid-write: a later folder with every file but the ranks' completion markers
     cut = run / "checkpoint_9999-12-31_23-59-59.999999"
     shutil.copytree(ckpt16, cut, ignore=shutil.ignore_patterns("complete-rank*.json"))
+    t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="cluster.storage"):
         second = run_train(cfg(debug_data, tmp_path, "resume-damage"), resume=True, tracking_uri=tracking_uri,
                            register=False)
+    report("resume past a cut-off and a damaged checkpoint (second part only)", time.monotonic() - t0, 8)
     warned = caplog.text
     assert f"{cut} skipped: no completion marker" in warned
     assert f"{ckpt16} skipped: ds/" in warned and "truncated or damaged" in warned
@@ -231,6 +248,7 @@ def test_node_removal_restarts_on_a_fresh_node_and_matches_the_undisturbed_run(
 
     th = threading.Thread(target=remove_and_replace, daemon=True)
     th.start()
+    t0 = time.monotonic()
     try:
         out = run_train(cfg(debug_data, tmp_path, "node-loss", 'trainer.worker_resources={"rpt_trainer": 1}'),
                         tracking_uri=tracking_uri, register=False, callbacks=[PauseAt(step=13, marker=marker)])
@@ -241,6 +259,7 @@ def test_node_removal_restarts_on_a_fresh_node_and_matches_the_undisturbed_run(
         assert_same_as_baseline(baseline, got, out.checkpoint)
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert nodes[0].node_id not in alive and nodes[1].node_id in alive
+        report("node removal + fresh node (incl. a 120 s pause cut short)", time.monotonic() - t0, 4)
         print(f"node removal: run finished {time.monotonic() - removed['at']:.1f} s after the node was killed")
     finally:
         for n in nodes:
