@@ -30,6 +30,7 @@ class StepOutput:
     metric_sums: dict[str, torch.Tensor]
     n_micro: int
     wait_s: float
+    skipped: bool = False  # trainer.on_nonfinite=skip: a non-finite loss on some rank; no weight changed
 
 
 class Callback:
@@ -51,20 +52,33 @@ class NonFiniteLoss(RuntimeError):
 
 
 class NonFiniteGuard(Callback):
-    """Stops the run at a non-finite training loss before anything of it is checkpointed or registered.
+    """What a non-finite (NaN/inf) training loss does, by ``trainer.on_nonfinite``. Runs before the other
+    built-in callbacks.
 
-    The first bad step is kept on the device (no per-step host sync); it is read at every logging step (or
-    every ``trainer.nonfinite_check_every`` steps) and always before a checkpoint step, so a checkpoint never
-    holds a diverged model. Runs before the other built-in callbacks.
+    - ``stop`` (default): the run stops before anything of the bad step is checkpointed or registered. The
+      first bad step is kept on the device (no per-step host sync); it is read at every logging step (or
+      every ``trainer.nonfinite_check_every`` steps) and always before a checkpoint step, so a checkpoint
+      never holds a diverged model.
+    - ``skip``: :meth:`trainers.loop.Trainer.train_step` checks every rank's loss before each micro-batch's
+      backward (one all-reduce and host sync per micro-batch) and runs a step with a bad one at LR 0: no
+      weight changes, the step's rows are consumed. Here each skipped step is counted
+      (``Trainer.skipped_steps``, saved in checkpoints, logged as ``train/skipped_steps``) with a warning that
+      names it, and the run stops once more than ``trainer.max_skipped_steps`` steps were skipped.
+    - ``ignore``: nothing is checked.
     """
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.first_bad = torch.full((), -1, dtype=torch.long, device=trainer.device)
 
     def on_step_end(self, trainer: Trainer, step: int, out: StepOutput) -> None:
+        policy = trainer.cfg.trainer.on_nonfinite
+        if policy == "stop":
+            self._stop(trainer, step, out)
+        elif policy == "skip" and out.skipped:
+            self._count_skipped(trainer, step)
+
+    def _stop(self, trainer: Trainer, step: int, out: StepOutput) -> None:
         t = trainer.cfg.trainer
-        if t.on_nonfinite == "ignore":
-            return
         bad = ~torch.isfinite(out.loss_sum)
         self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
         every = t.nonfinite_check_every or t.log_every  # no host sync beyond the logging step's by default
@@ -78,6 +92,23 @@ class NonFiniteGuard(Callback):
                     f"({trainer.cfg.optimizer.lr_peak}) / enable trainer.grad_clip"
                 )
 
+    def _count_skipped(self, trainer: Trainer, step: int) -> None:
+        t = trainer.cfg.trainer
+        trainer.skipped_steps += 1
+        if trainer.rank == 0:
+            log.warning("step %d skipped: the training loss is not finite (NaN or inf) on some rank; no weight "
+                        "changed (trainer.on_nonfinite=skip, %d of at most %d skipped steps)",
+                        step, trainer.skipped_steps, t.max_skipped_steps)
+        if trainer.skipped_steps > t.max_skipped_steps:
+            raise NonFiniteLoss(
+                f"rank {trainer.rank}: {trainer.skipped_steps} training steps were skipped for a non-finite loss "
+                f"(NaN or inf), more than trainer.max_skipped_steps={t.max_skipped_steps}; the last at step "
+                f"{step}. The run stops (trainer.on_nonfinite=skip) and keeps its last complete checkpoint. Lower "
+                f"optimizer.lr_peak ({trainer.cfg.optimizer.lr_peak}) / enable trainer.grad_clip, "
+                f"check the start model (trainer.init_from) for NaN weights, or raise "
+                f"trainer.max_skipped_steps"
+            )
+
 
 def due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
@@ -85,20 +116,26 @@ def due(step: int, every: int, last: int) -> bool:
 
 class TrainLogger(Callback):
     """Every ``trainer.log_every`` steps: mean loss and objective metrics over ranks (one host sync),
-    LR, throughput, MFU and the share of time spent waiting for data."""
+    LR, throughput, MFU and the share of time spent waiting for data.
+
+    ``trainer.on_nonfinite: skip``: the means are over the window's steps that were not skipped (a window of
+    skipped steps only logs no ``train/loss``, rather than NaN), and ``train/skipped_steps`` is the run's
+    count of skipped steps so far."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._reset(None)
 
     def _reset(self, t0: float | None) -> None:
-        self.loss, self.sums, self.n_micro, self.wait_s, self.t0 = None, {}, 0, 0.0, t0
+        self.loss, self.sums, self.n_micro, self.n_kept, self.wait_s, self.t0 = None, {}, 0, 0, 0.0, t0
 
     def on_step_end(self, trainer: Trainer, step: int, out: StepOutput) -> None:
         if self.t0 is None:
             self.t0 = trainer.loop_start
-        self.loss = out.loss_sum if self.loss is None else self.loss + out.loss_sum
-        for k, v in out.metric_sums.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+        if not out.skipped:  # every rank skips the same steps: the same keys and counts on every rank
+            self.loss = out.loss_sum if self.loss is None else self.loss + out.loss_sum
+            for k, v in out.metric_sums.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.n_kept += out.n_micro
         self.n_micro += out.n_micro
         self.wait_s += out.wait_s
         t = trainer.cfg.trainer
@@ -106,26 +143,31 @@ class TrainLogger(Callback):
             trainer.last_train_loss = self._log(trainer, step, time.perf_counter() - self.t0)
             self._reset(time.perf_counter())
 
-    def _log(self, trainer: Trainer, step: int, dt: float) -> float:
+    def _log(self, trainer: Trainer, step: int, dt: float) -> float | None:
+        """Logs the window's metrics; returns its mean training loss (None: every step was skipped)."""
         import torch.distributed as dist
 
         keys = sorted(self.sums)
-        n = torch.tensor(float(self.n_micro), device=trainer.device)
-        buf = torch.stack([self.loss, *(self.sums[k] for k in keys), n])
+        n = torch.tensor(float(self.n_kept), device=trainer.device)
+        loss = self.loss if self.loss is not None else torch.zeros((), device=trainer.device)
+        buf = torch.stack([loss, *(self.sums[k] for k in keys), n])
         dist.all_reduce(buf)
         means = (buf[:-1] / buf[-1]).tolist()
         work = trainer.work
         units = self.n_micro * trainer.cfg.trainer.micro_batch_size * work.units_per_row  # this rank
         rate_rank = units / dt
-        perf = {"train/loss": means[0], "lr": trainer.lr(step), f"perf/{work.unit}_per_s": rate_rank * trainer.world,
-                "data/wait_frac": self.wait_s / dt}
+        perf = {"train/loss": means[0]} if self.n_kept else {}
+        perf.update({"lr": trainer.lr(step), f"perf/{work.unit}_per_s": rate_rank * trainer.world,
+                     "data/wait_frac": self.wait_s / dt})
+        if trainer.cfg.trainer.on_nonfinite == "skip":
+            perf["train/skipped_steps"] = trainer.skipped_steps
         if work.flops_per_unit:
             perf["perf/mfu"] = rate_rank * work.flops_per_unit / trainer.peak_flops
         trainer.sink.log(perf, step)
-        if keys:
+        if keys and self.n_kept:
             folded = trainer.objective.reduce_metrics(dict(zip(keys, means[1:], strict=True)))
             trainer.sink.log({f"train/{k}": v for k, v in folded.items()}, step)
-        return means[0]
+        return means[0] if self.n_kept else None
 
 
 class Evaluator(Callback):
@@ -171,6 +213,7 @@ class Checkpointer(Callback):
         pos = trainer.batches.position()
         st.tokens_seen = step * t.rows_per_step * trainer.world * trainer.work.units_per_row  # images for images
         st.data_position = pos
+        st.skipped_steps = trainer.skipped_steps
         st.mlflow_run_id = trainer.plan.mlflow_run_id
         st.config = trainer.cfg.model_dump(mode="json")
         metrics = {"step": step, f"{trainer.work.unit}_seen": st.tokens_seen, "data_epoch": pos.epoch}

@@ -4,7 +4,8 @@ One checkpoint folder (one ``ray.train.report``) holds:
 
 - ``ds/``: DeepSpeed engine state, one file set per rank (module, optimizer shards; no LR scheduler: the LR is a
   pure function of the step and the configured schedule);
-- ``train_state.json``: step, tokens seen, data position, schedule name + parameters, config, MLflow run;
+- ``train_state.json``: step, tokens seen, skipped steps, data position, schedule name + parameters, config,
+  MLflow run;
 - ``rng-rank<r>.pt``: each rank's random state (Python, NumPy, torch, the loop's generator);
 - export files, consolidated weights written by rank 0 for export and the model registry:
   ``model.safetensors`` + ``model_config.json`` + ``tokenizer.json`` (decoder LM) or
@@ -53,6 +54,7 @@ class TrainState:
     schedule: dict[str, Any] = field(default_factory=dict)  # name + parameters, as trainers.schedules.describe
     mlflow_run_id: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    skipped_steps: int = 0  # steps skipped for a non-finite loss (trainer.on_nonfinite=skip) up to ``step``
 
     def save(self, directory: str | Path) -> None:
         d = asdict(self)

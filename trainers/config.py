@@ -147,13 +147,22 @@ class TrainerSpec(_Strict):
         True, description="with resume_from: continue its data position (False: a new task's data from its start)"
     )
     data_loader_prefetch: int = Field(2, ge=0)
-    on_nonfinite: Literal["stop", "ignore"] = Field(
-        "stop", description="a NaN/inf training loss: stop the run (nothing further is checkpointed or registered)"
+    on_nonfinite: Literal["stop", "skip", "ignore"] = Field(
+        "stop",
+        description="a NaN/inf training loss. stop: end the run (nothing further is checkpointed or registered; "
+        "checked on the device, no per-step host sync). skip: every rank's loss is checked before each "
+        "micro-batch's backward (one all-reduce and host sync per micro-batch); a step where any is NaN/inf "
+        "changes no weight (LR 0) and is counted, and the run stops past max_skipped_steps. ignore: train on",
+    )
+    max_skipped_steps: int = Field(
+        10, ge=0,
+        description="on_nonfinite=skip: the run stops (NonFiniteLoss) once more steps than this were skipped; "
+        "counted over the run, across restarts and --resume (a new run from resume_from starts at 0)",
     )
     nonfinite_check_every: int | None = Field(
         None, ge=1,
-        description="steps between host reads of the on-device finite flag; None: at logging steps (where the loop "
-        "syncs anyway) and before every checkpoint",
+        description="on_nonfinite=stop: steps between host reads of the on-device finite flag; None: at logging "
+        "steps (where the loop syncs anyway) and before every checkpoint",
     )
 
     @property

@@ -6,6 +6,8 @@
     for each optimizer step:
         LR = lr_peak * schedule(step); objective.set_step(step)
         for each micro-batch: parts = planned streams' next rows (checked); loss = objective(engine, parts)
+            (trainer.on_nonfinite=skip: a NaN/inf loss on any rank -> a zero loss, and the step at LR 0)
+            backward; engine step (the optimizer steps at the accumulation boundary)
         callbacks: [*extra, NonFiniteGuard, TrainLogger, Evaluator, Checkpointer]
 
 Everything data-kind specific comes from the workload (:mod:`trainers.workloads`), everything
@@ -105,6 +107,7 @@ class Trainer:
         self.batches = PlannedBatches(streams, micro, rank=self.rank, world=self.world)
         self.callbacks = [*callbacks, NonFiniteGuard(), TrainLogger(), Evaluator(), Checkpointer()]
         self.last_train_loss: float | None = None
+        self.skipped_steps = 0  # steps skipped for a non-finite loss (on_nonfinite=skip), saved in checkpoints
         self.step_evals: dict[str, float] | None = None
         self.loop_start = time.perf_counter()
 
@@ -121,6 +124,9 @@ class Trainer:
             if src is None:
                 return
             self.state = load_checkpoint(self.engine, src)
+            if own is None:
+                self.state.skipped_steps = 0  # a new run (resume_from) counts its own skipped steps
+            self.skipped_steps = self.state.skipped_steps
             pos = self.state.data_position
             continues = own is not None or t.resume_data_position  # not a new task (which seeds its own)
             if continues and (pos is None or pos.world_size == self.world):
@@ -199,26 +205,70 @@ class Trainer:
                 cb.on_step_end(self, self.state.step, out)
 
     def train_step(self) -> StepOutput:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; sums stay on the device."""
-        step = self.state.step
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr(step)
+        """One optimizer step over ``grad_accum_steps`` micro-batches; sums stay on the device.
+
+        ``trainer.on_nonfinite: skip``: each micro-batch's loss is checked on every rank before its backward
+        (:meth:`_nonfinite_on_any_rank`: one all-reduce and one host sync per micro-batch, the price of
+        ``skip``; ``stop`` and ``ignore`` add none). A non-finite loss on any rank makes that micro-batch's
+        backward a zero loss's (:meth:`_backward_zero`), so DeepSpeed's gradient hooks and accumulation
+        bookkeeping run as usual, and skips the whole step: its optimizer step runs at LR 0. With LR 0 AdamW
+        changes no weight (the decoupled weight decay ``1 - lr * wd`` is 1 too); its state still takes the
+        step: the step count advances and the moments decay by one step (taking in the gradients of the step's
+        finite micro-batches, when ``grad_accum_steps`` > 1). The step's rows are consumed like any other's
+        (never repeated); :class:`trainers.callbacks.NonFiniteGuard` counts the step and enforces
+        ``trainer.max_skipped_steps``, :class:`trainers.callbacks.TrainLogger` leaves its loss out.
+        """
+        step, skip = self.state.step, self.cfg.trainer.on_nonfinite == "skip"
+        self._set_lr(self.lr(step))
         self.objective.set_step(step)
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
-        wait_s = 0.0
+        wait_s, skipped = 0.0, False
         for _ in range(self.cfg.trainer.grad_accum_steps):
             t0 = time.perf_counter()
             parts = self.batches.next()
             wait_s += time.perf_counter() - t0
             prepared = self.objective.prepare(self.work.inputs(parts, self.device), self.gen)
             loss, metrics = self.objective.loss(self.engine, prepared)
-            self.engine.backward(loss)
+            if skip and self._nonfinite_on_any_rank(loss):
+                skipped = True
+                self._set_lr(0.0)  # before the accumulation boundary's engine.step(): no weight changes
+                self._backward_zero()
+            else:
+                self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach().float()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-        return StepOutput(loss_sum, sums, self.cfg.trainer.grad_accum_steps, wait_s)
+        return StepOutput(loss_sum, sums, self.cfg.trainer.grad_accum_steps, wait_s, skipped)
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _nonfinite_on_any_rank(self, loss: torch.Tensor) -> bool:
+        """Whether ``loss`` is NaN/inf on any rank: a flag all-reduced (MAX) over the process group and read
+        on the host, so every rank takes the same branch."""
+        import torch.distributed as dist
+
+        flag = (~torch.isfinite(loss.detach())).any().float()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _backward_zero(self) -> None:
+        """Backward of a loss that is exactly 0 and depends on every trainable parameter, with zero (finite)
+        gradients even where a weight is NaN/inf (``nan_to_num`` passes no gradient there): DeepSpeed's
+        gradient hooks and accumulation bookkeeping run as for any micro-batch. Under ZeRO-3 the parameters
+        are gathered for it (one all-gather, on skipped micro-batches only)."""
+        import contextlib
+
+        import deepspeed
+
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        gathered = self.cfg.trainer.zero_stage == 3
+        with deepspeed.zero.GatheredParameters(params) if gathered else contextlib.nullcontext():
+            zero = torch.nan_to_num(torch.stack([p.sum().float() for p in params]).sum()) * 0.0
+            self.engine.backward(zero)
 
     @torch.no_grad()
     def evaluate(self, val: dict[str, torch.Tensor]) -> float:

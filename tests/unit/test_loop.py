@@ -2,8 +2,9 @@
 in-memory planned stream and a local checkpoint folder behind a fake context.
 
 Checks the loop's contract: the planned rows arrive in order and are checked, the LR is the schedule's at
-every step, metrics reach the sink at their cadences, and a fit resumed from its checkpoint reproduces the
-uninterrupted fit's losses exactly.
+every step, metrics reach the sink at their cadences, a fit resumed from its checkpoint reproduces the
+uninterrupted fit's losses exactly, and a non-finite loss stops the run (``stop``) or skips its step
+(``skip``: NaN losses injected at chosen micro-batches).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from cluster.config import validate_config
 from data.stream import Shard, StreamPlan, pieces_row_ids
-from trainers.callbacks import Callback
+from trainers.callbacks import Callback, NonFiniteLoss
 from trainers.loop import FitPlan, Trainer
 
 VOCAB, SEQ, ROWS = 96, 16, 256
@@ -106,16 +107,17 @@ class SeenRows(Callback):
 
 
 def make(tokens, val_path, tmp: Path, *, max_steps: int, start_step: int = 0, start_rows: int = 0,
-         resume_from: Path | None = None, callbacks=(), objective: str = "causal_lm", init_from: str | None = None):
+         resume_from: Path | None = None, callbacks=(), objective: str = "causal_lm", init_from: str | None = None,
+         trainer: dict | None = None):
     cfg = validate_config({
         "name": "loop-unit", "seed": 3, "data": {"path": str(tmp), "eval_rows": 32}, "objective": {"name": objective},
         "model": {"preset": "debug"}, "schedule": {"name": "cosine", "warmup_steps": 2, "min_ratio": 0.1},
         "optimizer": {"lr_peak": 3e-3},
         "trainer": {"num_workers": 1, "zero_stage": 0, "max_steps": max_steps, "micro_batch_size": 4, "init_from": init_from,
-                    "log_every": 1, "eval_every": 4, "checkpoint_every": 4},
+                    "log_every": 1, "eval_every": 4, "checkpoint_every": 4, **(trainer or {})},
     })
     shards = (Shard(path="memory", rows=ROWS, row_id_start=0),)
-    count = (max_steps - start_step) * 4
+    count = (max_steps - start_step) * cfg.trainer.rows_per_step
     stream = StreamPlan(shards, seed=7, start=start_rows, count=count)
     plan = FitPlan(kind="text", streams={"train": stream.to_dict()}, start_step=start_step, tracking_uri="",
                    mlflow_run_id=None, eval_shards={"val": [str(val_path)]},
@@ -187,7 +189,6 @@ def test_nonfinite_loss_stops_the_run_before_a_checkpoint(process_group, rows, t
     checkpointed (so nothing can be registered)."""
     import models
     from models.io import save_pretrained
-    from trainers.callbacks import NonFiniteLoss
 
     cfg = models.resolve_config("debug", vocab_size=VOCAB, max_seq_len=SEQ)
     bad = models.build(cfg)
@@ -199,3 +200,156 @@ def test_nonfinite_loss_stops_the_run_before_a_checkpoint(process_group, rows, t
     with pytest.raises(NonFiniteLoss, match="not finite .* at step 1;.*trainer.init_from"):
         trainer.fit()
     assert ctx.reports == []
+
+
+def nan_losses_at(trainer: Trainer, bad: set[tuple[int, int]]) -> None:
+    """Patches the objective's training loss: micro-batch ``i`` of global step ``s`` returns its loss times NaN
+    for every ``(s, i)`` in ``bad``, graph included (a backward through it makes every gradient NaN)."""
+    real, calls = trainer.objective.loss, {}
+
+    def loss(engine, prepared):
+        out, metrics = real(engine, prepared)
+        if not torch.is_grad_enabled():
+            return out, metrics  # evaluation
+        step = trainer.state.step + 1
+        i = calls[step] = calls.get(step, -1) + 1
+        return (out * float("nan") if (step, i) in bad else out), metrics
+
+    trainer.objective.loss = loss
+
+
+class Record(Callback):
+    """The whole weights (gathered under ZeRO-3) before the first step and after every step, and every step's
+    summed loss."""
+
+    def __init__(self):
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+        self.loss: dict[int, float] = {}
+
+    def _keep(self, trainer, step):
+        from trainers.checkpoint import consolidated_state_dict
+
+        whole = consolidated_state_dict(trainer.engine, trainer.cfg.trainer.zero_stage)
+        self.weights[step] = {k: v.detach().clone() for k, v in whole.items()}
+
+    def on_fit_start(self, trainer):
+        self._keep(trainer, trainer.state.step)
+
+    def on_step_end(self, trainer, step, out):
+        self._keep(trainer, step)
+        self.loss[step] = out.loss_sum.item()
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_injected_nan_loss_poisons_the_weights_when_ignored(process_group, rows, tmp_path):
+    """The injection the skip tests use is real: trained through (on_nonfinite=ignore), it makes weights NaN."""
+    class Enough(Exception):
+        pass
+
+    class StopAfterStep2(Callback):  # before the checkpoint (whose export refuses NaN weights)
+        def on_step_end(self, trainer, step, out):
+            if step == 2:
+                raise Enough
+
+    tokens, val = rows
+    rec = Record()
+    trainer, _, _ = make(tokens, val, tmp_path, max_steps=4, callbacks=[rec, StopAfterStep2()],
+                         trainer={"on_nonfinite": "ignore"})
+    nan_losses_at(trainer, {(2, 0)})
+    with pytest.raises(Enough):
+        trainer.fit()
+    assert all(torch.isfinite(v).all() for v in rec.weights[1].values())
+    assert any(torch.isnan(v).any() for v in rec.weights[2].values())
+
+
+@pytest.mark.parametrize(("accum", "zero_stage"), [(1, 0), (2, 0), (2, 2), (2, 3)])
+def test_skip_leaves_the_weights_of_nonfinite_steps_and_trains_on(process_group, rows, tmp_path, monkeypatch,
+                                                                  accum, zero_stage):
+    """on_nonfinite=skip with NaN losses at steps 3, 5 and 6 (in the step's last micro-batch, so with
+    accumulation a finite one was backpropagated before): those steps change no weight, bit for bit, the
+    others do; the logged loss leaves them out; the count is logged and checkpointed; no row is repeated.
+    ZeRO-3 partitions every parameter here (the debug model's are all below DeepSpeed's default persistence
+    threshold, which would keep them whole)."""
+    from trainers import engine
+
+    ds_config = engine.deepspeed_config
+    monkeypatch.setattr(engine, "deepspeed_config", lambda t: {
+        **ds_config(t), "zero_optimization": {"stage": t.zero_stage, "stage3_param_persistence_threshold": 0}})
+    tokens, val = rows
+    rec, seen = Record(), SeenRows()
+    trainer, ctx, stream = make(tokens, val, tmp_path, max_steps=8, callbacks=[rec, seen], trainer={
+        "on_nonfinite": "skip", "log_every": 2, "grad_accum_steps": accum, "zero_stage": zero_stage})
+    nan_losses_at(trainer, {(s, accum - 1) for s in (3, 5, 6)})
+    trainer.fit()
+    if zero_stage == 3:  # every parameter is partitioned outside the forward pass
+        assert all(p.numel() == 0 for p in trainer.engine.module.parameters())
+    for step in range(2, 9):  # (step 1 trains at the warmup's LR 0)
+        assert same_weights(rec.weights[step], rec.weights[step - 1]) == (step in (3, 5, 6)), step
+    assert all(torch.isfinite(v).all() for v in rec.weights[8].values())
+    assert trainer.skipped_steps == 3
+    logged = trainer.sink.logged
+    assert logged["train/skipped_steps"] == {2: 0, 4: 1, 6: 3, 8: 3}
+    assert sorted(logged["train/loss"]) == [2, 4, 8]  # steps 5 and 6 (the whole window) skipped: no loss logged
+    assert logged["train/loss"][2] == pytest.approx((rec.loss[1] + rec.loss[2]) / (2 * accum), rel=1e-6)
+    assert logged["train/loss"][4] == pytest.approx(rec.loss[4] / accum, rel=1e-6)  # step 3 left out
+    assert logged["train/loss"][8] == pytest.approx((rec.loss[7] + rec.loss[8]) / (2 * accum), rel=1e-6)
+    assert np.isnan(rec.loss[3]) and all(np.isfinite(v) for v in logged["train/loss"].values())
+    # the skipped steps' rows were consumed: the checkpoints committed the plan's rows in order, once each
+    planned = pieces_row_ids(stream.pieces(1, 0))
+    np.testing.assert_array_equal(np.concatenate(seen.rows), planned[: 8 * 4 * accum])
+    states = [json.loads(Path(r["path"], "train_state.json").read_text()) for r in ctx.reports]
+    assert [(st["step"], st["skipped_steps"]) for st in states] == [(4, 1), (8, 3)]
+
+
+def test_skipped_steps_count_goes_on_after_a_resume(process_group, rows, tmp_path):
+    """A fit resumed from the step-4 checkpoint of a run that skipped step 3 counts on from 1, and ends with
+    the uninterrupted fit's weights, bit for bit."""
+    tokens, val = rows
+    runs = {}
+    for name, resume in (("full", None), ("resumed", "full")):
+        rec = Record()
+        src = runs[resume][1].reports[0]["path"] if resume else None
+        trainer, ctx, _ = make(tokens, val, tmp_path / name, max_steps=8, callbacks=[rec], resume_from=src,
+                               trainer={"on_nonfinite": "skip"})
+        nan_losses_at(trainer, {(3, 0), (6, 0)})
+        trainer.fit()
+        runs[name] = trainer, ctx, rec
+    assert [runs[n][0].skipped_steps for n in runs] == [2, 2]
+    assert runs["resumed"][0].sink.logged["train/skipped_steps"] == {5: 1, 6: 2, 7: 2, 8: 2}
+    assert same_weights(runs["resumed"][2].weights[8], runs["full"][2].weights[8])
+
+
+def test_skip_stops_the_run_past_max_skipped_steps(process_group, rows, tmp_path):
+    """More skipped steps than trainer.max_skipped_steps: the run stops at the one too many, naming the
+    count, the limit, the step and the fix; checkpoints before it were written as usual."""
+    tokens, val = rows
+    trainer, ctx, _ = make(tokens, val, tmp_path, max_steps=8,
+                           trainer={"on_nonfinite": "skip", "max_skipped_steps": 1})
+    nan_losses_at(trainer, {(2, 0), (6, 0)})
+    with pytest.raises(NonFiniteLoss, match=r"2 training steps were skipped .*max_skipped_steps=1; the last at "
+                       r"step 6\. .*optimizer.lr_peak .*trainer.grad_clip.*raise trainer.max_skipped_steps"):
+        trainer.fit()
+    assert trainer.skipped_steps == 2 and [r["step"] for r in ctx.reports] == [4]
+    assert trainer.sink.logged["train/skipped_steps"] == {1: 0, 2: 1, 3: 1, 4: 1, 5: 1}
+
+
+def test_on_nonfinite_policies_in_the_config(tmp_path):
+    from cluster.config import ConfigError
+
+    def trainer(**t):
+        raw = {"name": "x", "data": {"path": str(tmp_path)}, "schedule": {"name": "constant", "warmup_steps": 0},
+               "trainer": t}
+        return validate_config(raw).trainer
+
+    assert trainer().on_nonfinite == "stop" and trainer().max_skipped_steps == 10
+    t = trainer(on_nonfinite="skip", max_skipped_steps=0)
+    assert (t.on_nonfinite, t.max_skipped_steps) == ("skip", 0)
+    with pytest.raises(ConfigError) as e:
+        trainer(on_nonfinite="skipp")
+    msg = str(e.value)
+    assert "trainer.on_nonfinite" in msg and "'skipp'" in msg and all(p in msg for p in ("'stop'", "'skip'", "'ignore'"))
+    with pytest.raises(ConfigError, match=r"trainer.max_skipped_steps.*greater than or equal to 0"):
+        trainer(on_nonfinite="skip", max_skipped_steps=-1)
