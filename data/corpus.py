@@ -3,8 +3,9 @@
 Accepted corpus forms (`PrepareConfig.corpus`):
 
 - a folder of text files: every file whose name ends in one of `TEXT_EXTENSIONS` (searched recursively,
-  hidden files and folders skipped, sorted by path) is one document, decoded as UTF-8 with
-  `errors="replace"`; read with `ray.data.read_binary_files`;
+  hidden files and folders skipped, sorted by path) is one document, decoded as UTF-8; read with
+  `ray.data.read_binary_files`. A file that is not valid UTF-8 is handled by `on_decode_error`
+  (`PrepareConfig.on_decode_error`, see "Undecodable files" below);
 - one text file (one document);
 - a Parquet file, or a folder holding `*.parquet` files: one document per row of `text_column`
   (`ray.data.read_parquet`);
@@ -31,6 +32,25 @@ Accepted corpus forms (`PrepareConfig.corpus`):
   counts, so two preparations can be compared.
 
 Document order is deterministic (sorted paths, file row order); `max_documents` keeps the first N.
+
+Undecodable files (text files and the `builtin:stdlib-py` / `builtin:c-headers` files): every file is
+decoded once, for a whole batch at a time, by Arrow's UTF-8 validation (no Python decoding when the batch
+is valid); only a batch holding an invalid file is decoded file by file, and only an invalid file again, to
+count its undecodable bytes. Each document carries `DECODE_COLUMNS` (its path, undecodable
+bytes, U+FFFD characters inserted, byte offset of the first undecodable byte), from which the driver
+builds one `data.manifest.DecodeErrors` (`decode_report`) and applies the policy:
+
+- `replace` (default): the text keeps U+FFFD in place of each undecodable sequence, as Python's
+  `bytes.decode("utf-8", errors="replace")` does; one warning names the files;
+- `skip`: such files are left out (`drop_undecodable`); one warning names them;
+- `fail`: `CorpusDecodeError` names them, nothing is written.
+
+`max_documents` cuts the file list before reading, so skipped files count against it. On CPython 3.11.7
+every file of `builtin:stdlib-py` and `builtin:c-headers` is valid UTF-8 (`builtin:pydoc` is built from
+Python strings and has no undecodable bytes).
+
+`on_decode_error` covers text files only: Parquet and JSON Lines corpora are decoded by Arrow (its JSON
+reader puts U+FFFD in place of invalid UTF-8 itself, uncounted; Parquet strings are taken as stored).
 """
 
 from __future__ import annotations
@@ -48,6 +68,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+
+from data.manifest import DecodeErrors, DecodeExample
 
 TEXT_EXTENSIONS = (
     ".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts",
@@ -72,6 +94,19 @@ CORPUS_FORMS = (
     "a Parquet file or folder, a JSON Lines file or folder (.jsonl/.json/.ndjson), or one of "
     + ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_CORPORA)
 )
+
+
+DecodePolicy = Literal["replace", "skip", "fail"]
+DECODE_POLICIES: tuple[str, ...] = ("replace", "skip", "fail")
+DECODE_SCHEMA = pa.schema(
+    [("path", pa.string()), ("bad_bytes", pa.int64()), ("replacements", pa.int64()), ("bad_offset", pa.int64())]
+)
+DECODE_COLUMNS = tuple(DECODE_SCHEMA.names)
+DECODE_EXAMPLES = 5  # files named in the warning, the error and the manifest
+
+
+class CorpusDecodeError(ValueError):
+    """Corpus files that are not valid UTF-8 under `on_decode_error: fail`; the message names them and the fix."""
 
 
 @dataclass(frozen=True)
@@ -214,9 +249,109 @@ def resolve_corpus(spec: str, *, max_documents: int | None = None) -> CorpusSour
     return CorpusSource(spec, "text_files", paths=tuple(map(str, text_files[:max_documents])))
 
 
+def decode_utf8(data: bytes) -> tuple[str, int, int, int]:
+    """`(text, bad_bytes, replacements, bad_offset)` of one file's bytes.
+
+    `text` is `data.decode("utf-8", errors="replace")`; `bad_bytes` counts the undecodable bytes,
+    `replacements` the U+FFFD characters put in their place (one per maximal invalid sequence, so it can
+    be smaller than `bad_bytes`; U+FFFD characters the file itself holds are not counted), `bad_offset` is
+    the byte offset of the first undecodable byte (-1 for valid UTF-8). Valid UTF-8 is decoded once.
+    """
+    try:
+        return data.decode("utf-8"), 0, 0, -1
+    except UnicodeDecodeError as exc:
+        first = exc.start
+    text = data.decode("utf-8", errors="replace")
+    escaped = data.decode("utf-8", errors="surrogateescape")  # one lone surrogate per undecodable byte
+    bad_bytes = len(data) - len(escaped.encode("utf-8", errors="ignore"))  # "ignore" drops the surrogates
+    return text, bad_bytes, text.count("\ufffd") - escaped.count("\ufffd"), first
+
+
 def _decode_utf8(batch: pa.Table) -> pa.Table:
-    texts = [b.decode("utf-8", errors="replace") for b in batch.column("bytes").to_pylist()]
-    return pa.table({"text": pa.array(texts, type=pa.large_string())})
+    """Ray Data UDF: `bytes` (+ `path`) -> `text` + `DECODE_COLUMNS` (see the module docstring)."""
+    blobs = batch.column("bytes")
+    n = len(blobs)
+    try:  # Arrow validates UTF-8 in C; the common all-valid batch needs no Python strings
+        text = blobs.cast(pa.large_string())
+        counts = np.zeros((3, n), dtype=np.int64)
+        counts[2] = -1
+    except pa.ArrowInvalid:
+        decoded = [decode_utf8(b) for b in blobs.to_pylist()]
+        text = pa.array([d[0] for d in decoded], type=pa.large_string())
+        counts = np.array([d[1:] for d in decoded], dtype=np.int64).reshape(n, 3).T
+    paths = batch.column("path") if "path" in batch.column_names else pa.nulls(n, pa.string())
+    columns = {"text": text, "path": paths}
+    columns.update(zip(DECODE_COLUMNS[1:], counts, strict=True))
+    return pa.table(columns)
+
+
+def undecodable_rows(batch: pa.Table) -> pa.Table:
+    """The `DECODE_COLUMNS` of the documents that were not valid UTF-8 (a small table for the driver)."""
+    return batch.filter(pc.greater(batch.column("bad_bytes"), 0)).select(list(DECODE_COLUMNS))
+
+
+def drop_undecodable(batch: pa.Table) -> pa.Table:
+    """`on_decode_error: skip`: leave out the documents that were not valid UTF-8."""
+    return batch.filter(pc.equal(batch.column("bad_bytes"), 0))
+
+
+def decode_report(rows: pa.Table, policy: DecodePolicy, *, examples: int = DECODE_EXAMPLES) -> DecodeErrors:
+    """The manifest record of `undecodable_rows` (all of a corpus', in corpus order) under `policy`."""
+    bad = rows.column("bad_bytes").to_numpy() if rows.num_rows else np.zeros(0, np.int64)
+    repl = rows.column("replacements").to_numpy() if rows.num_rows else np.zeros(0, np.int64)
+    head = rows.slice(0, examples).to_pylist()
+    return DecodeErrors(
+        policy=policy,
+        files=rows.num_rows,
+        bytes=int(bad.sum()),
+        replacements=int(repl.sum()),
+        examples=[
+            DecodeExample(path=r["path"] or "?", bytes=r["bad_bytes"], replacements=r["replacements"],
+                          offset=r["bad_offset"])
+            for r in head
+        ],
+    )  # fmt: skip
+
+
+_CONVERT = "or convert the files to UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`)"
+
+
+def _named_files(report: DecodeErrors) -> str:
+    names = ", ".join(repr(e.path) for e in report.examples)
+    more = report.files - len(report.examples)
+    return names + (f" and {more} more" if more > 0 else "")
+
+
+def decode_warning(report: DecodeErrors, corpus: str) -> str | None:
+    """The one warning of a `replace` or `skip` preparation with undecodable files (None when there are none)."""
+    if not report.files:
+        return None
+    s = "s" if report.files != 1 else ""
+    if report.policy == "skip":
+        what = f"left out (data.prepare.on_decode_error: skip): {_named_files(report)}"
+        fix = f"set data.prepare.on_decode_error: replace to keep them, or fail to stop, {_CONVERT}"
+    else:
+        what = (
+            f"decoded with {report.replacements:,} U+FFFD replacement character(s) "
+            f"(data.prepare.on_decode_error: replace): {_named_files(report)}"
+        )
+        fix = f"set data.prepare.on_decode_error: skip (leave them out) or fail (stop), {_CONVERT}"
+    return (
+        f"corpus {corpus!r}: {report.files:,} file{s} not valid UTF-8 ({report.bytes:,} undecodable "
+        f"byte(s)) {what}; {fix}"
+    )
+
+
+def decode_error(report: DecodeErrors, corpus: str) -> CorpusDecodeError:
+    """The error of `on_decode_error: fail` when `report` names undecodable files."""
+    s = "s" if report.files != 1 else ""
+    first = report.examples[0]
+    return CorpusDecodeError(
+        f"corpus {corpus!r}: {report.files:,} file{s} not valid UTF-8 ({report.bytes:,} undecodable "
+        f"byte(s)): {_named_files(report)}; the first undecodable byte of {first.path!r} is at byte offset "
+        f"{first.offset:,}. Nothing was written (data.prepare.on_decode_error: fail); set "
+        f"data.prepare.on_decode_error: replace (U+FFFD in their place) or skip (leave the files out), {_CONVERT}"
+    )
 
 
 def _as_text(batch: pa.Table, column: str) -> pa.Table:
@@ -228,7 +363,8 @@ def _as_text(batch: pa.Table, column: str) -> pa.Table:
 def read_corpus(
     source: str | CorpusSource, *, text_column: str = "text", max_documents: int | None = None
 ) -> ray.data.Dataset:
-    """A Ray Dataset with one column `text` (one row per document) for a corpus spec.
+    """A Ray Dataset with one column `text` (one row per document) for a corpus spec; text files (the
+    `text_files` kind) also get the `DECODE_COLUMNS` (`undecodable_rows`, `drop_undecodable` read them).
 
     Raises ValueError when a Parquet/JSONL corpus lacks `text_column` (naming the columns found) or
     when that column does not hold strings.
@@ -244,7 +380,7 @@ def read_corpus(
     if source.kind == "text_files":
         paths = list(source.paths[:max_documents])
         n_blocks = int(np.clip(len(paths) // 8, min(len(paths), 2), 64))  # >= 2 blocks feed 2 actors
-        ds = ray.data.read_binary_files(paths, override_num_blocks=n_blocks)
+        ds = ray.data.read_binary_files(paths, include_paths=True, override_num_blocks=n_blocks)
         return ds.map_batches(_decode_utf8, batch_format="pyarrow", batch_size=None)
     if source.kind == "parquet":
         ds = ray.data.read_parquet(list(source.paths))

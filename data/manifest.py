@@ -155,6 +155,35 @@ class TokenizerInfo(_Strict):
         )
 
 
+class DecodeExample(_Strict):
+    """One corpus file that is not valid UTF-8."""
+
+    path: str
+    bytes: int = Field(ge=1, description="undecodable bytes in the file")
+    replacements: int = Field(ge=0, description="U+FFFD characters that replace them (one per invalid sequence)")
+    offset: int = Field(ge=0, description="byte offset of the first undecodable byte")
+
+
+class DecodeErrors(_Strict):
+    """The corpus text files that were not valid UTF-8 and what `data.prepare.on_decode_error` did with them:
+    `replace` kept them with U+FFFD in place of the undecodable bytes, `skip` left them out (`fail` stops
+    the preparation, so a manifest records it only with `files` 0). `examples` are the first few files."""
+
+    policy: Literal["replace", "skip", "fail"]
+    files: int = Field(0, ge=0, description="files that were not valid UTF-8")
+    bytes: int = Field(0, ge=0, description="their undecodable bytes, all together")
+    replacements: int = Field(0, ge=0, description="U+FFFD characters that replace them (policy replace)")
+    examples: list[DecodeExample] = Field(default_factory=list, description="the first few files, corpus order")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DecodeErrors:
+        if len(self.examples) > self.files:
+            raise ValueError(f"{len(self.examples)} example files but files={self.files}")
+        if (self.files == 0) != (self.bytes == 0):
+            raise ValueError(f"files={self.files} and bytes={self.bytes} must both be 0 or both positive")
+        return self
+
+
 class DocumentCounts(_Strict):
     train: int = Field(ge=0)
     val: int = Field(ge=0)
@@ -228,6 +257,9 @@ class Manifest(_ManifestFiles, _Strict):
     splits: dict[Literal["train", "val"], SplitInfo]
     documents: DocumentCounts
     dropped_tokens: int = Field(ge=0, description="tokens of the final tail of each split that fill no row")
+    decode_errors: DecodeErrors | None = Field(
+        None, description="text files that were not valid UTF-8; None: a corpus not read as files, or an older manifest"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

@@ -4,6 +4,9 @@ Pipeline (Ray Data unless noted):
 
 1. read the corpus into a `text` column (`data/corpus.py`) and annotate every document with its
    character count and two keyed-hash uniforms (`data/pack.py:document_uniforms`); materialized once;
+   driver: gather the text files that are not valid UTF-8 and apply `on_decode_error` (warn and keep
+   them with U+FFFD, warn and leave them out, or stop before anything is written); the manifest's
+   `decode_errors` records what was found and done;
 2. driver: choose the validation documents (`u_split < val_threshold`, at least one when
    `val_fraction > 0`), then train a byte-level BPE tokenizer on a seeded sample of the *training*
    documents (`u_sample < tokenizer_train_chars / train_characters`), or load the given one (a
@@ -53,8 +56,22 @@ from ray.data import DataContext
 from tokenizers import Tokenizer
 
 from data import pack
-from data.corpus import BUILTIN_CORPORA, BUILTIN_PREFIX, read_corpus, resolve_corpus
+from data.corpus import (
+    BUILTIN_CORPORA,
+    BUILTIN_PREFIX,
+    DECODE_SCHEMA,
+    CorpusSource,
+    DecodePolicy,
+    decode_error,
+    decode_report,
+    decode_warning,
+    drop_undecodable,
+    read_corpus,
+    resolve_corpus,
+    undecodable_rows,
+)
 from data.manifest import (
+    DecodeErrors,
     DocumentCounts,
     Manifest,
     ShardInfo,
@@ -131,6 +148,11 @@ class PrepareConfig(BaseModel):
         256, ge=1, description="documents per tokenize/pack batch; with the seed it fixes the packed rows"
     )
     num_actors: int = Field(2, ge=1, description="tokenizer actors (map_batches concurrency)")
+    on_decode_error: DecodePolicy = Field(
+        "replace",
+        description="text files that are not valid UTF-8: replace (U+FFFD, warn), skip (leave out, warn), "
+        "fail (stop, write nothing)",
+    )
 
     @field_validator("corpus")
     @classmethod
@@ -341,17 +363,62 @@ _SUMMARY_ROWS = ("corpus", "documents", "characters", "vocab_size", "train_rows"
                  "dropped_tokens", "shards", "seconds", "tokens_per_s")  # fmt: skip
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], warning: str | None = None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"rpt data prepare -> {summary['out_dir']}", show_header=False)
     for key in _SUMMARY_ROWS:
         table.add_row(key, _fmt(summary[key]))
-    Console().print(table)
+    if summary["undecodable_files"]:
+        table.add_row("undecodable_files", _fmt(summary["undecodable_files"]))
+    console = Console()
+    console.print(table)
+    if warning:
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 # ---- pipeline steps -----------------------------------------------------------------------------
+
+
+def _gather_undecodable(docs: ray.data.Dataset) -> pa.Table:
+    """The `DECODE_COLUMNS` of every document that was not valid UTF-8, in corpus order (small)."""
+    bad = docs.map_batches(undecodable_rows, batch_format="pyarrow", batch_size=None)
+    tables = [t for t in bad.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else DECODE_SCHEMA.empty_table()
+
+
+def apply_decode_policy(
+    docs: Any, rows: pa.Table, config: PrepareConfig
+) -> tuple[Any, DecodeErrors, str | None]:
+    """`on_decode_error` on the undecodable `rows` of a text-file corpus: returns the documents to use
+    (without those files under `skip`), the manifest record and the warning (logged here; None when every
+    file was valid UTF-8). Under `fail` raises `data.corpus.CorpusDecodeError` (a ValueError)."""
+    report = decode_report(rows, config.on_decode_error)
+    if not report.files:
+        return docs, report, None
+    if report.policy == "fail":
+        raise decode_error(report, config.corpus)
+    warning = decode_warning(report, config.corpus)
+    logger.warning("%s", warning)
+    if report.policy == "skip":
+        docs = docs.map_batches(drop_undecodable, batch_format="pyarrow", batch_size=None)
+    return docs, report, warning
+
+
+def _read_documents(
+    source: CorpusSource, config: PrepareConfig
+) -> tuple[ray.data.Dataset, DecodeErrors | None, str | None]:
+    """Step 1: the annotated documents (materialized), the decode record (text files only) and its warning."""
+    docs = (
+        read_corpus(source, text_column=config.text_column, max_documents=config.max_documents)
+        .map_batches(_annotate, fn_kwargs={"seed": config.seed}, batch_format="pyarrow", batch_size=None)
+        .materialize()
+    )
+    if source.kind != "text_files":
+        return docs, None, None
+    return apply_decode_policy(docs, _gather_undecodable(docs), config)
 
 
 @dataclass(frozen=True)
@@ -550,7 +617,8 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     Ray Data's progress bars, the tokenizer trainer's bar and the summary table on or off. Summary keys:
     out_dir, corpus, documents, train_documents, val_documents, characters, vocab_size, train_rows,
     val_rows, tokens (all tokens incl. one EOS, and with add_bos_token one BOS, per document),
-    packed_tokens, dropped_tokens, shards, train_shards, val_shards, seconds, tokens_per_s.
+    packed_tokens, dropped_tokens, shards, train_shards, val_shards, seconds, tokens_per_s,
+    undecodable_files (text files that were not valid UTF-8, kept or left out by `on_decode_error`).
     """
     t0 = time.perf_counter()
     out_dir = Path(config.out_dir).expanduser().absolute()
@@ -564,13 +632,7 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     tmp.mkdir()
     try:
         with _data_context(progress):
-            docs = (
-                read_corpus(source, text_column=config.text_column, max_documents=config.max_documents)
-                .map_batches(
-                    _annotate, fn_kwargs={"seed": config.seed}, batch_format="pyarrow", batch_size=None
-                )
-                .materialize()
-            )
+            docs, decode, decode_warn = _read_documents(source, config)
             stats = _split_documents(docs, config)
             choice = _build_tokenizer(docs, stats, config, given, progress=progress)
             tok_path = choice.write(tmp)
@@ -602,6 +664,7 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             splits=splits,
             documents=DocumentCounts(train=stats.train_documents, val=stats.val_documents),
             dropped_tokens=dropped,
+            decode_errors=decode,
         )
         manifest.save(tmp)
         manifest.verify(tmp)
@@ -630,9 +693,10 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         "shards": len(splits["train"].shards) + len(splits["val"].shards),
         "seconds": seconds,
         "tokens_per_s": tokens_total / seconds if seconds > 0 else 0.0,
+        "undecodable_files": decode.files if decode is not None else 0,
     }
     if progress:
-        _print_summary(summary)
+        _print_summary(summary, decode_warn)
     return summary
 
 
