@@ -50,7 +50,8 @@ def build_engine(model: torch.nn.Module, t: TrainerSpec, o: OptimizerSpec):
 
     if not t.use_gpu:
         # The CPU accelerator JIT-compiles an inference-only shared-memory all-reduce op (30-40 s) on the
-        # first initialize; training does not use it. tests/integration checks this switch still exists.
+        # first initialize; training does not use it. tests/unit/test_loop.py
+        # (test_engine_build_does_not_compile_the_cpu_shm_op) checks that the key still exists and the build skips it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr_peak, betas=o.betas, eps=o.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(t))

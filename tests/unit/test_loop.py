@@ -4,7 +4,8 @@ in-memory planned stream and a local checkpoint folder behind a fake context.
 Checks the loop's contract: the planned rows arrive in order and are checked, the LR is the schedule's at
 every step, metrics reach the sink at their cadences, a fit resumed from its checkpoint reproduces the
 uninterrupted fit's losses exactly, and a non-finite loss stops the run (``stop``) or skips its step
-(``skip``: NaN losses injected at chosen micro-batches).
+(``skip``: NaN losses injected at chosen micro-batches); gradient accumulation trains like one larger
+micro-batch, ZeRO stages 1-3 train like stage 0, and building the engine compiles no DeepSpeed op.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,9 @@ class MemorySink:
         for k, v in metrics.items():
             self.logged.setdefault(k, {})[step] = float(v)
 
+    def close(self, timeout_s=None):
+        self.closed = True
+
 
 class FakeContext:
     """Rank 0 of 1: the planned stream from memory, checkpoints copied into a local folder."""
@@ -108,13 +113,16 @@ class SeenRows(Callback):
 
 def make(tokens, val_path, tmp: Path, *, max_steps: int, start_step: int = 0, start_rows: int = 0,
          resume_from: Path | None = None, callbacks=(), objective: str = "causal_lm", init_from: str | None = None,
-         trainer: dict | None = None):
+         micro_batch_size: int = 4, grad_accum_steps: int = 1, zero_stage: int = 0, every: int = 4,
+         eval_every: int | None = None, grad_clip: float = 1.0, trainer: dict | None = None):
     cfg = validate_config({
         "name": "loop-unit", "seed": 3, "data": {"path": str(tmp), "eval_rows": 32}, "objective": {"name": objective},
         "model": {"preset": "debug"}, "schedule": {"name": "cosine", "warmup_steps": 2, "min_ratio": 0.1},
         "optimizer": {"lr_peak": 3e-3},
-        "trainer": {"num_workers": 1, "zero_stage": 0, "max_steps": max_steps, "micro_batch_size": 4, "init_from": init_from,
-                    "log_every": 1, "eval_every": 4, "checkpoint_every": 4, **(trainer or {})},
+        "trainer": {"num_workers": 1, "zero_stage": zero_stage, "max_steps": max_steps, "init_from": init_from,
+                    "micro_batch_size": micro_batch_size, "grad_accum_steps": grad_accum_steps,
+                    "grad_clip": grad_clip, "log_every": 1, "eval_every": eval_every or every, "checkpoint_every": every,
+                    **(trainer or {})},
     })
     shards = (Shard(path="memory", rows=ROWS, row_id_start=0),)
     count = (max_steps - start_step) * cfg.trainer.rows_per_step
@@ -353,3 +361,149 @@ def test_on_nonfinite_policies_in_the_config(tmp_path):
     assert "trainer.on_nonfinite" in msg and "'skipp'" in msg and all(p in msg for p in ("'stop'", "'skip'", "'ignore'"))
     with pytest.raises(ConfigError, match=r"trainer.max_skipped_steps.*greater than or equal to 0"):
         trainer(on_nonfinite="skip", max_skipped_steps=-1)
+def final_weights(ctx: FakeContext) -> dict[str, torch.Tensor]:
+    """The consolidated export of a fit's last checkpoint (the weights a user registers or loads)."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(ctx.reports[-1]["path"]) / "model.safetensors")
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The largest elementwise difference of two state dicts, and the tensor it is in."""
+    assert a.keys() == b.keys()
+    return max((float((a[k] - b[k]).abs().max()), k) for k in a)
+
+
+class GradNorms(Callback):
+    """The norm of the gradient the optimizer steps with, once per optimizer step (a step pre-hook on the
+    client AdamW; without ZeRO its parameters are the model's, so this is the accumulated, clipped gradient)."""
+
+    def __init__(self):
+        self.norms: list[float] = []
+
+    def on_fit_start(self, trainer):
+        def hook(opt, args, kwargs):
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+        trainer.optimizer.register_step_pre_hook(hook)
+
+
+# Float tolerances of the equivalence tests below (fp32 on CPU). A loss of ~4.6 is 4.8e-7 per ulp; the weights
+# are O(1) (norm gains of 1.0: 1.2e-7 per ulp) and one AdamW step moves a weight by up to ~lr = 3e-3, so a
+# wrong gradient, LR or step shows as differences of ~1e-4..1e-3, far above these.
+LOSS_RTOL = 1e-6  # ~10 ulps of the loss
+WEIGHT_ATOL = 1e-6  # ~8 ulps of an O(1) weight
+
+
+def test_grad_accumulation_trains_like_one_larger_micro_batch(process_group, rows, tmp_path):
+    """grad_accum_steps=2 x micro_batch_size=4 against 1 x 8: both plans size rows_per_step = 8, so every
+    optimizer step takes the same 8 planned rows in the same order. Same rows, LRs, per-step train/loss,
+    gradient norm, val/loss and final weights, to float tolerance: the accumulated gradient is the mean of two
+    4-row means instead of one 8-row mean (another summation order, and matmuls over 4 rows instead of 8).
+
+    grad_clip=5 does not bind here (norms ~1.25): with a binding clip, AdamW would not see a constant gradient
+    scale (clip + Adam normalise it away), so a wrong 1/grad_accum_steps loss scale would pass unseen; the
+    unclipped gradient norm shows it (a factor 2)."""
+    tokens, val = rows
+    fits = {}
+    for gas, mb in ((2, 4), (1, 8)):
+        seen, norms = SeenRows(), GradNorms()
+        trainer, ctx, stream = make(tokens, val, tmp_path / f"gas{gas}", max_steps=6, micro_batch_size=mb,
+                                    grad_accum_steps=gas, callbacks=[seen, norms], every=6, grad_clip=5.0)
+        assert trainer.cfg.trainer.rows_per_step == 8
+        trainer.fit()
+        fits[gas] = trainer.sink.logged, final_weights(ctx), np.concatenate(seen.rows), norms.norms, stream
+    (acc, w_acc, rows_acc, n_acc, stream), (one, w_one, rows_one, n_one, _) = fits[2], fits[1]
+    np.testing.assert_array_equal(rows_acc, rows_one)
+    np.testing.assert_array_equal(rows_acc, pieces_row_ids(stream.pieces(1, 0))[:48])
+    assert sorted(acc["train/loss"]) == sorted(one["train/loss"]) == list(range(1, 7))
+    assert acc["lr"] == one["lr"]  # the schedule's, set once per optimizer step
+    for step in range(1, 7):
+        assert acc["train/loss"][step] == pytest.approx(one["train/loss"][step], rel=LOSS_RTOL, abs=0), step
+    assert len(n_acc) == len(n_one) == 6  # one optimizer step per global step, not one per micro-batch
+    assert max(n_one) < 5.0  # the clip does not bind
+    assert n_acc == pytest.approx(n_one, rel=1e-5, abs=0)  # seen: ~1e-7
+    assert acc["val/loss"][6] == pytest.approx(one["val/loss"][6], rel=LOSS_RTOL, abs=0)
+    assert max_abs_diff(w_acc, w_one)[0] <= WEIGHT_ATOL  # seen: 1.5e-7
+
+
+@pytest.fixture(scope="module")
+def zero_fits(process_group, rows, tmp_path_factory):
+    """The same 4-step fit under ZeRO stages 0-3 (checkpoints at steps 2 and 4; evaluation at 0 and 4)."""
+    tokens, val = rows
+    fits = {}
+    for stage in (0, 1, 2, 3):
+        trainer, ctx, _ = make(tokens, val, tmp_path_factory.mktemp(f"zero{stage}"), max_steps=4, zero_stage=stage,
+                               every=2, eval_every=4)
+        trainer.fit()
+        fits[stage] = trainer.sink.logged, final_weights(ctx), ctx
+    return fits
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_like_stage_0(zero_fits, stage):
+    """Stage 1, 2 (the config default) and 3 log stage 0's per-step losses, LRs and val/loss and export its final
+    weights, to float tolerance (seen: equal but for 1 ulp of the step-3 loss and of a norm weight under
+    stage 3): the ZeRO optimizers clip with the norm of flat fp32 partitions, stage 0 with per-tensor norms,
+    another summation order of the clip coefficient."""
+    base, base_w, _ = zero_fits[0]
+    logged, weights, ctx = zero_fits[stage]
+    assert [r["step"] for r in ctx.reports] == [2, 4]
+    assert sorted(logged["train/loss"]) == list(range(1, 5))
+    assert logged["lr"] == base["lr"]
+    for step in range(1, 5):
+        assert logged["train/loss"][step] == pytest.approx(base["train/loss"][step], rel=LOSS_RTOL, abs=0), step
+    for step in (0, 4):
+        assert logged["val/loss"][step] == pytest.approx(base["val/loss"][step], rel=LOSS_RTOL, abs=0), step
+    assert max_abs_diff(weights, base_w)[0] <= WEIGHT_ATOL
+
+
+def test_zero3_resume_reproduces_the_uninterrupted_fit_exactly(zero_fits, rows, tmp_path):
+    """A stage-3 fit resumed from the uninterrupted stage-3 fit's step-2 checkpoint (partitioned parameters
+    and optimizer state) logs its losses at steps 3-4 and val/loss at 4 and exports its final weights, bit for bit."""
+    tokens, val = rows
+    logged, weights, ctx = zero_fits[3]
+    resumed, again_ctx, _ = make(tokens, val, tmp_path, max_steps=4, zero_stage=3, every=2, eval_every=4,
+                                 resume_from=ctx.reports[0]["path"])
+    resumed.fit()
+    again = resumed.sink.logged
+    assert sorted(again["train/loss"]) == [3, 4]
+    for step in (3, 4):
+        assert again["train/loss"][step] == logged["train/loss"][step], step
+        assert again["lr"][step] == logged["lr"][step], step
+    assert again["val/loss"][4] == logged["val/loss"][4]
+    final = final_weights(again_ctx)
+    assert all(torch.equal(final[k], weights[k]) for k in weights)
+
+
+def test_engine_build_does_not_compile_the_cpu_shm_op(process_group, rows, tmp_path, monkeypatch):
+    """trainers/engine.py turns DeepSpeed's CPU shared-memory all-reduce op off: on the first
+    ``deepspeed.initialize`` of a process, DeepSpeed's comm backend JIT-compiles it when
+    ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]`` is true (30-40 s; training does not use it).
+
+    The key must still exist under that name (else the switch writes a key nobody reads). The build is
+    replayed as a worker's first one: DeepSpeed's comm backend reset (it asks for the op when it is created)
+    and the key set true as DeepSpeed's probe finds it on a Linux machine with a compiler. Building the engine
+    turns it false, loads no shm op and takes well under the compile's 30 s."""
+    import deepspeed
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    assert os.environ["DS_ACCELERATOR"] == "cpu" and get_accelerator().device_name() == "cpu"
+    builder = type(get_accelerator().create_op_builder("ShareMemCommBuilder"))
+    assert builder.NAME == "deepspeed_shm_comm"
+    assert "deepspeed_shm_comm" in deepspeed.ops.__compatible_ops__
+    loads = []
+    real_load = builder.load
+    monkeypatch.setattr(builder, "load", lambda self, *a, **k: loads.append(self.NAME) or real_load(self, *a, **k))
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
+    monkeypatch.setattr(ds_comm, "cdb", None)
+    t0 = time.perf_counter()
+    make(rows[0], rows[1], tmp_path, max_steps=4)
+    build_s = time.perf_counter() - t0
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False, "trainers/engine.py's switch is gone"
+    assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None  # a new comm backend, without the op
+    assert loads == [], f"the engine build loaded (JIT-compiled) {loads} in {build_s:.0f} s"
+    assert build_s < 15.0, f"building the engine took {build_s:.1f} s (seen: 0.1-2 s): is an op JIT-compiled?"
