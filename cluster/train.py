@@ -79,9 +79,16 @@ def translate_worker_error(e: BaseException, run_name: str, log_dir: Path) -> Tr
     else:
         where, what = f"({type(e).__name__})", str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         what += _storage_hint(str(e))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / "error.log"
-    log_path.write_text("".join(traceback.format_exception(e)) + "\n" + str(e) + "\n")
+    text = "".join(traceback.format_exception(e)) + "\n" + str(e) + "\n"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / "error.log"
+        log_path.write_text(text)
+    except OSError:  # the run folder cannot take it (a full or read-only store): this machine's temp folder
+        import tempfile
+
+        log_path = Path(tempfile.mkdtemp(prefix="rpt-error-")) / "error.log"
+        log_path.write_text(text)
     return TrainingError(f"training run {run_name!r} failed {where}: {what}", log_path)
 
 

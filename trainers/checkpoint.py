@@ -184,6 +184,15 @@ def _fs_chunks(fs: pafs.FileSystem, path: str) -> Iterator[bytes]:
             yield chunk
 
 
+def _marker(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    """A completion marker's content; None when it is not whole JSON with its fields (cut off by a full disk)."""
+    try:
+        m = json.loads(_read(fs, path))
+        return m if isinstance(m, dict) and {"world_size", "files"} <= m.keys() else None
+    except (ValueError, OSError):
+        return None
+
+
 def checkpoint_problem(fs: pafs.FileSystem, path: str, *, deep: bool) -> str | None:
     """Why the checkpoint folder ``path`` is not complete (None: it is): a missing marker (cut off while being
     written), a rank that did not finish, a file missing or of another size than its writer recorded, or
@@ -195,12 +204,16 @@ def checkpoint_problem(fs: pafs.FileSystem, path: str, *, deep: bool) -> str | N
     markers = {int(m.group(1)): rel for rel in infos if (m := MARKER.fullmatch(rel))}
     if not markers:
         return "no completion marker (complete-rank<r>.json): it was cut off while being written"
-    world = json.loads(_read(fs, f"{path}/{markers[min(markers)]}"))["world_size"]
+    read = {r: _marker(fs, f"{path}/{rel}") for r, rel in markers.items()}
+    broken = sorted(markers[r] for r, m in read.items() if m is None)
+    if broken:
+        return f"{', '.join(broken)} cut off or damaged (a completion marker must be whole)"
+    world = read[min(read)]["world_size"]
     missing = [r for r in range(world) if r not in markers]
     if missing:
         return f"rank(s) {missing} of {world} did not finish writing it (no complete-rank<r>.json)"
     for r in range(world):
-        for rel, meta in json.loads(_read(fs, f"{path}/{markers[r]}"))["files"].items():
+        for rel, meta in read[r]["files"].items():
             info = infos.get(rel)
             if info is None:
                 return f"{rel} (written by rank {r}) is missing"

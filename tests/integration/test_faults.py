@@ -223,8 +223,23 @@ class ExtraNode:
             self.proc.wait()
 
 
+@pytest.fixture
+def keep_ray_address_file():
+    """`ray start --address` records the cluster in Ray's temp folder (ray_current_cluster); put back what was
+    there, so no later `ray.init()` on this machine joins a test's cluster."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    before = path.read_bytes() if path.exists() else None
+    yield
+    if before is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(before)
+
+
 def test_node_removal_restarts_on_a_fresh_node_and_matches_the_undisturbed_run(
-        ray_session, baseline, debug_data, tmp_path, tracking_uri):
+        ray_session, baseline, debug_data, tmp_path, tracking_uri, keep_ray_address_file):
     """The node the workers run on is killed at step 13 (its raylet and workers, SIGKILL) and a fresh node
     joins: the run restarts there from the step-8 checkpoint and ends as the undisturbed run."""
     import threading

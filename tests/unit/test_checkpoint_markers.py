@@ -86,3 +86,12 @@ def test_newest_complete_falls_back_past_damaged_ones_and_says_why(tmp_path):
     found, skipped = newest_complete(FS, str(run), deep=False, exclude=(str(run / "checkpoint_0010"),))
     assert found is None and skipped[-1] == (str(run / "checkpoint_0010"), "found damaged by the driver")
     assert newest_complete(FS, str(tmp_path / "none"), deep=True) == (None, [])
+
+
+def test_a_cut_off_marker_is_named_not_a_crash(tmp_path):
+    ckpt = _checkpoint(tmp_path / "run", tmp_path, 10)
+    (ckpt / marker_file(1)).write_bytes(b"")  # the disk filled while the marker was uploaded
+    assert checkpoint_problem(FS, str(ckpt), deep=False) == (
+        "complete-rank1.json cut off or damaged (a completion marker must be whole)")
+    (ckpt / marker_file(0)).write_text('{"rank": 0, "world_')
+    assert "complete-rank0.json, complete-rank1.json cut off" in checkpoint_problem(FS, str(ckpt), deep=True)
