@@ -34,7 +34,7 @@ class AsyncMlflowSink:
 
     ``log`` only appends to a queue (the record keeps the time it was logged); one thread sends the queue
     in order, in batches, and while the tracking server does not answer it retries with backoff (1 s
-    doubling to 30 s) and the loop goes on: an outage neither stalls nor kills training. ``close`` (end of
+    doubling to 10 s) and the loop goes on: an outage neither stalls nor kills training. ``close`` (end of
     the fit) waits up to ``flush_timeout_s`` for the queue to drain; what is still unsent is written to
     ``unsent-metrics-<run id>-<ms>.jsonl`` in the run folder, which the driver replays when the server
     answers (cluster/train.py). What happened is counted in ``tracking-stats.json`` there: records logged,
@@ -89,7 +89,7 @@ class AsyncMlflowSink:
                 late = True
                 with self.cond:
                     self.cond.wait_for(lambda: self.abandon, timeout=backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, 10.0)
                 continue
             now = time.time() * 1000
             with self.cond:
