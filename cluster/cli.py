@@ -157,8 +157,10 @@ def models_register(
     try:
         version, replayed = register_later(checkpoint, name=name, aliases=list(alias),
                                            tracking_uri=resolve_tracking_uri("sqlite:///mlruns.db", tracking_uri))
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         _fail(e)
+    except Exception as e:  # MLflow's own errors (a name or alias it refuses): one line, not a traceback
+        _fail(e, code=1)
     console.print(f"registered models:/{name}/{version} ({', '.join('@' + a for a in alias)}); "
                   f"{replayed} metric records replayed")
 
@@ -285,6 +287,8 @@ def tune(
         report = run_tune(cfg, tracking_uri=tracking_uri, address=address)
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
+    except RuntimeError as e:  # a trial failed: its error in one paragraph (its log is in the trial's folder)
+        _fail(e, code=1)
     console.print(report["table"], markup=False, highlight=False, soft_wrap=True)
     if len(report["reports_per_trial"]) > len(report["aggregate"]) or report["stopped"]:
         console.print(report["trials_table"], markup=False, highlight=False, soft_wrap=True)

@@ -55,3 +55,17 @@ def test_progress_line_shows_step_loss_rate_mfu_wait_and_eta():
         "step 40/300  loss 6.1234  4,590 tokens/s  MFU 0.54  data wait 0.2%  val/loss 6.5000  ETA 4m10s"
     )
     assert progress_line(5, 10, {"perf/images_per_s": 12.0}, None) == "step 5/10  12 images/s"
+
+
+def test_models_register_refuses_what_is_not_a_complete_checkpoint_of_a_run(tmp_path):
+    from cluster.cli import app
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    result = CliRunner().invoke(app, ["models", "register", str(tmp_path / "nope"), "--name", "m", "--tracking-uri", uri])
+    assert result.exit_code == 2 and "is not a folder" in result.output and "Traceback" not in result.output
+    ckpt = tmp_path / "run" / "checkpoint_0001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "train_state.json").write_text("{}")  # no completion markers: cut off
+    result = CliRunner().invoke(app, ["models", "register", str(ckpt), "--name", "m", "--tracking-uri", uri])
+    assert result.exit_code == 2 and "not a complete checkpoint" in " ".join(result.output.split())
+    assert "no completion marker" in " ".join(result.output.split())
