@@ -55,7 +55,8 @@ class NonFiniteGuard(Callback):
     """What a non-finite (NaN/inf) training loss does, by ``trainer.on_nonfinite``. Runs before the other
     built-in callbacks.
 
-    - ``stop`` (default): the run stops before anything of the bad step is checkpointed or registered. The
+    - ``stop`` (default): a non-finite loss or global gradient norm stops the run before anything of the bad
+      step is checkpointed or registered. The
       first bad step is kept on the device (no per-step host sync); it is read at every logging step (or
       every ``trainer.nonfinite_check_every`` steps) and always before a checkpoint step, so a checkpoint
       never holds a diverged model.
@@ -79,18 +80,32 @@ class NonFiniteGuard(Callback):
 
     def _stop(self, trainer: Trainer, step: int, out: StepOutput) -> None:
         t = trainer.cfg.trainer
-        bad = ~torch.isfinite(out.loss_sum)
+        bad = ~torch.isfinite(out.loss_sum) | self._grad_norm_bad(trainer)
+        checkpoint = due(step, t.checkpoint_every, t.max_steps)
+        if checkpoint and t.zero_stage == 0:  # stage 0 keeps no gradient norm: check the weights it will save
+            bad = bad | torch.stack([~torch.isfinite(p).all() for p in trainer.engine.module.parameters()]).any()
         self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
         every = t.nonfinite_check_every or t.log_every  # no host sync beyond the logging step's by default
-        if due(step, every, t.max_steps) or due(step, t.checkpoint_every, t.max_steps):
+        if due(step, every, t.max_steps) or checkpoint:
             first = int(self.first_bad)
             if first >= 0:
                 raise NonFiniteLoss(
-                    f"rank {trainer.rank}: the training loss is not finite (NaN or inf) at step {first}; the run "
+                    f"rank {trainer.rank}: the training loss or gradient norm is not finite (NaN or inf) at step "
+                    f"{first}; the run "
                     f"stops (trainer.on_nonfinite=stop) and keeps its last complete checkpoint. Check the start "
                     f"model (trainer.init_from) for NaN weights, or lower optimizer.lr_peak "
                     f"({trainer.cfg.optimizer.lr_peak}) / enable trainer.grad_clip"
                 )
+
+    @staticmethod
+    def _grad_norm_bad(trainer: Trainer) -> torch.Tensor:
+        """Whether the step's global gradient norm is NaN/inf, as a device flag (no host sync). DeepSpeed keeps it
+        under ZeRO 1-3 (ZeRO 0 does not: there the weights are checked before each checkpoint instead); fp16 runs
+        are left to DeepSpeed's loss scaler, which skips overflowing steps itself."""
+        norm = trainer.engine.get_global_grad_norm()
+        if norm is None or trainer.cfg.trainer.precision == "fp16":
+            return torch.zeros((), dtype=torch.bool, device=trainer.device)
+        return ~torch.isfinite(torch.as_tensor(norm, device=trainer.device))
 
     def _count_skipped(self, trainer: Trainer, step: int) -> None:
         t = trainer.cfg.trainer

@@ -210,6 +210,29 @@ def test_nonfinite_loss_stops_the_run_before_a_checkpoint(process_group, rows, t
     assert ctx.reports == []
 
 
+@pytest.mark.parametrize("zero_stage, every", [(2, 4), (0, 3)])
+def test_nonfinite_gradient_norm_with_a_finite_loss_stops_the_run(process_group, rows, tmp_path, zero_stage, every):
+    """The loss stays finite but its gradient is NaN (sqrt's slope at 0): ZeRO's global gradient norm is
+    checked too, and under ZeRO 0 (no norm kept) the weights before a checkpoint, so the run stops at that
+    step and the step-3 weights are never checkpointed."""
+    tokens, val = rows
+    trainer, ctx, _ = make(tokens, val, tmp_path / f"run{zero_stage}", max_steps=8, zero_stage=zero_stage, every=every)
+    real = trainer.objective.loss
+
+    def loss(engine, prepared):
+        out, metrics = real(engine, prepared)
+        if torch.is_grad_enabled() and trainer.state.step + 1 == 3:
+            w = next(p for p in engine.module.parameters() if p.requires_grad)
+            out = out + torch.sqrt(w.sum() * 0.0)  # + 0 to the loss, NaN to every gradient of w
+        return out, metrics
+
+    trainer.objective.loss = loss
+    with pytest.raises(NonFiniteLoss, match="loss or gradient norm is not finite .* at step 3;"):
+        trainer.fit()
+    assert [r["step"] for r in ctx.reports] == []  # the step-3/4 checkpoint never happened
+    assert all(np.isfinite(v) for v in trainer.sink.logged["train/loss"].values())
+
+
 def nan_losses_at(trainer: Trainer, bad: set[tuple[int, int]]) -> None:
     """Patches the objective's training loss: micro-batch ``i`` of global step ``s`` returns its loss times NaN
     for every ``(s, i)`` in ``bad``, graph included (a backward through it makes every gradient NaN)."""
