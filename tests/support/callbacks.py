@@ -17,9 +17,9 @@ from trainers.callbacks import Callback
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-class FailOnce(Callback):
-    """Rank ``rank`` (modulo the world size) raises at ``step``, once: the marker file records that it did,
-    so the restarted worker group goes on."""
+class _Once(Callback):
+    """A fault that rank ``rank`` (modulo the world size) does at ``step``, once: the marker file records it
+    (with ``note``), so a restarted worker group goes on. Subclasses say what the fault is (:meth:`fault`)."""
 
     def __init__(self, step: int, marker: str | Path, rank: int = 1):
         self.step, self.marker, self.rank = step, str(marker), rank
@@ -28,8 +28,38 @@ class FailOnce(Callback):
         if step != self.step or trainer.rank != self.rank % trainer.world or Path(self.marker).exists():
             return
         Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
-        Path(self.marker).write_text(f"failure injected at step {step}\n")
+        Path(self.marker).write_text(f"{self.note()} at step {step}\n")
+        self.fault(trainer, step)
+
+    def note(self) -> str:
+        return type(self).__name__
+
+    def fault(self, trainer, step: int) -> None:
+        raise NotImplementedError
+
+
+class FailOnce(_Once):
+    """Raises at ``step``, once."""
+
+    def note(self) -> str:
+        return "failure injected"
+
+    def fault(self, trainer, step: int) -> None:
         raise RuntimeError(f"injected failure at step {step} on rank {trainer.rank} (tests FailOnce)")
+
+
+class KillOnce(_Once):
+    """Kills its own worker process with SIGKILL at ``step``, once: the process dies as from ``kill -9``,
+    with no Python cleanup."""
+
+    def note(self) -> str:
+        return "SIGKILL"
+
+    def fault(self, trainer, step: int) -> None:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class AuditRows(Callback):
@@ -45,24 +75,6 @@ class AuditRows(Callback):
             if len(ids):
                 prefix = "" if name == "train" else f"{name}-"
                 np.save(Path(self.directory, f"{prefix}rank{trainer.rank}-step{step:08d}.npy"), ids)
-
-
-class KillOnce(Callback):
-    """Rank ``rank`` (modulo the world size) kills its own worker process with SIGKILL at ``step``, once (the
-    marker file records that it did): the process dies as from ``kill -9``, with no Python cleanup."""
-
-    def __init__(self, step: int, marker: str | Path, rank: int = 1):
-        self.step, self.marker, self.rank = step, str(marker), rank
-
-    def on_step_end(self, trainer, step: int, out) -> None:
-        import os
-        import signal
-
-        if step != self.step or trainer.rank != self.rank % trainer.world or Path(self.marker).exists():
-            return
-        Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
-        Path(self.marker).write_text(f"SIGKILL at step {step}, pid {os.getpid()}\n")
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class KillServer(Callback):
