@@ -10,6 +10,7 @@ plots logged to the parent run (README, "Continual pre-training and the schedule
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -142,8 +143,10 @@ def run_tune(cfg: TuneConfig, *, tracking_uri: str | None = None, address: str |
 
     base = load_continual(cfg.continual)
     uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri, tracking_uri)
+    # The dashboard serves the State API, through which Ray Train's placement-group cleaner sees that a trial the
+    # scheduler stopped (its actor killed) took its fit's controller with it, and frees that fit's CPUs.
     init_ray(address, cpus_needed=cfg.max_concurrent_trials * base.trainer.num_workers * base.trainer.cpus_per_worker + 1,
-             dashboard=False)
+             dashboard=True)
     prepare_tasks(base)  # once, before trials start (they share the prepared data)
     exp_id = tracking.ensure_experiment(uri, base.tracking.experiment, base.tracking.artifact_root)
     client = MlflowClient(uri)
@@ -183,7 +186,8 @@ def _run_trials(cfg: TuneConfig, client, parent: str, *, uri: str) -> dict[str, 
         ),
         run_config=tune.RunConfig(name=cfg.name, storage_path=str(storage)),
     )
-    trials, stopped = _collect(tuner.fit())
+    with _placement_groups_freed():
+        trials, stopped = _collect(tuner.fit())
     _mark_stopped(client, parent, stopped)
     if not trials:
         raise ConfigError(f"tune {cfg.name}: every trial was stopped early by the scheduler ({len(stopped)}); "
@@ -197,6 +201,23 @@ def _run_trials(cfg: TuneConfig, client, parent: str, *, uri: str) -> dict[str, 
     report["trials_table"] = format_trials(trials)
     report["reports_per_trial"] = {t["trial"]: t["reports"] for t in trials}
     return report
+
+
+@contextlib.contextmanager
+def _placement_groups_freed():
+    """Placement groups the study's fits created and left behind (a trial stopped by the scheduler dies with its
+    fit's controller) are removed when the study ends, so nothing after it waits for their CPUs."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    before = set(placement_group_table())
+    try:
+        yield
+    finally:
+        for pg_id, info in placement_group_table().items():
+            if pg_id not in before and info["state"] in ("CREATED", "PENDING", "RESCHEDULING"):
+                log.info("removing placement group %s left by a stopped trial", pg_id)
+                remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
 
 
 def _collect(grid) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -23,7 +23,9 @@ def ray_session():
 
     if not ray.is_initialized():
         # address="local": a new instance even if a stale ray_current_cluster file is left in Ray's temp folder
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # the dashboard serves the State API, which Ray Train's placement-group cleaner needs (a Tune trial that a
+        # scheduler stops takes its fit's controller with it; the cleaner frees that fit's CPUs)
+        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -250,6 +250,15 @@ def test_tune_loguniform_search_with_asha_stops_poor_trials(cl_data, tmp_path):
     assert len(lrs) == 3 and len(set(lrs)) == 3 and all(1e-6 <= lr <= 3e-2 for lr in lrs)
     assert finished and report["stopped"], (finished, report["stopped"])
     assert report["aggregate"]["infinite"]["n"] == len(finished)
+    # the stopped trials' fits hold no CPUs afterwards (their placement groups were removed)
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
     client = mlflow.MlflowClient(uri)
     for s in report["stopped"]:
         assert s["step"] < 8 and np.isfinite(s["val/avg_loss"])
