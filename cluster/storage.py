@@ -33,7 +33,13 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow.fs as pafs
 
-from trainers.checkpoint import TRAIN_STATE, TrainState, checkpoint_problem, newest_complete
+from trainers.checkpoint import (
+    TRAIN_STATE,
+    TrainState,
+    checkpoint_folders,
+    checkpoint_problem,
+    newest_complete,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +160,8 @@ class Storage:
     def checkpoints(self, run_name: str) -> list[tuple[TrainState, str]]:
         """The complete checkpoints of a run (every rank's completion marker present, every file of the size
         its writer recorded: :func:`trainers.checkpoint.checkpoint_problem`), oldest step first."""
-        run_dir = self.path(run_name)
-        if not self.is_dir(run_dir):
-            return []
-        found = []
-        for info in self.filesystem.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True)):
-            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
-                if checkpoint_problem(self.filesystem, info.path, deep=False) is None:
-                    found.append((self.read_train_state(info.path), info.path))
+        found = [(self.read_train_state(p), p) for p in checkpoint_folders(self.filesystem, self.path(run_name))
+                 if checkpoint_problem(self.filesystem, p, deep=False) is None]
         return sorted(found, key=lambda sp: sp[0].step)
 
     def newest_checkpoint(self, run_name: str) -> tuple[tuple[TrainState, str] | None, list[tuple[str, str]]]:
@@ -179,20 +179,17 @@ class Storage:
     def incomplete_checkpoints(self, run_name: str) -> list[tuple[str, str]]:
         """Checkpoint folders of the run that are not complete (cut off, or orphaned by workers that lost their
         run, e.g. after a node loss), with why: listed at the end of a fit, never deleted."""
-        out = []
-        for info in self.filesystem.get_file_info(pafs.FileSelector(self.path(run_name), allow_not_found=True)):
-            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
-                problem = checkpoint_problem(self.filesystem, info.path, deep=False)
-                if problem:
-                    out.append((info.path, problem))
-        return out
+        problems = ((p, checkpoint_problem(self.filesystem, p, deep=False))
+                    for p in checkpoint_folders(self.filesystem, self.path(run_name)))
+        return [(p, why) for p, why in problems if why]
 
     def state_of(self, checkpoint: str) -> TrainState:
         """The train state of a checkpoint given as a local folder or as a URI of this store (``s3://...``: a
         checkpoint another run of this storage wrote, e.g. the previous continual task's)."""
         if not is_uri(checkpoint):
             return TrainState.load(checkpoint)
-        if not self.remote or not checkpoint.startswith(self.uri.split("/", 3)[0] + "//" + self.root.split("/")[0]):
+        bucket = self.root.split("/")[0]
+        if not self.remote or checkpoint.split("://", 1)[1].split("/")[0] != bucket:
             raise StorageError(f"{checkpoint!r} is not in this run's storage ({self.uri}): give a checkpoint of the "
                                "same store, or a local folder")
         return self.read_train_state(checkpoint.split("://", 1)[1])

@@ -231,13 +231,18 @@ def _state_or_none(fs: pafs.FileSystem, path: str) -> TrainState | None:
         return None
 
 
+def checkpoint_folders(fs: pafs.FileSystem, run_dir: str) -> list[str]:
+    """Every ``checkpoint_*`` folder of a run (complete or not; none when the run folder does not exist)."""
+    return [i.path for i in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+
+
 def newest_complete(fs: pafs.FileSystem, run_dir: str, *, deep: bool, exclude: tuple[str, ...] = ()
                     ) -> tuple[tuple[TrainState, str] | None, list[tuple[str, str]]]:
     """The run's newest complete checkpoint (its train state and path; None if there is none) and the newer
     ones skipped on the way, each with why (:func:`checkpoint_problem`; ``exclude``: paths already found
     damaged, e.g. by the driver's deeper check)."""
-    folders = [i.path for i in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
-               if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    folders = checkpoint_folders(fs, run_dir)
     states = {p: _state_or_none(fs, p) for p in folders}
     order = sorted(folders, key=lambda p: (states[p].step if states[p] else -1, p), reverse=True)
     skipped = []
