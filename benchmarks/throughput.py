@@ -36,7 +36,7 @@ def plain_loop(cfg, steps: int, warmup: int) -> dict:
     import models
     import objectives
     from data.manifest import Manifest
-    from trainers.engine import param_groups
+    from trainers.engines.base import param_groups
 
     man = Manifest.load(cfg.data.path)
     torch.manual_seed(cfg.seed)

@@ -31,6 +31,7 @@ class StepOutput:
     n_micro: int
     wait_s: float
     skipped: bool = False  # trainer.on_nonfinite=skip: a non-finite loss on some rank; no weight changed
+    grad_norm: torch.Tensor | None = None  # global gradient norm before clipping (asked for at logging steps)
 
 
 class Callback:
@@ -80,10 +81,8 @@ class NonFiniteGuard(Callback):
 
     def _stop(self, trainer: Trainer, step: int, out: StepOutput) -> None:
         t = trainer.cfg.trainer
-        bad = ~torch.isfinite(out.loss_sum) | self._grad_norm_bad(trainer)
+        bad = ~torch.isfinite(out.loss_sum) | self._grad_norm_bad(trainer, out)
         checkpoint = due(step, t.checkpoint_every, t.max_steps)
-        if checkpoint and t.zero_stage == 0:  # stage 0 keeps no gradient norm: check the weights it will save
-            bad = bad | torch.stack([~torch.isfinite(p).all() for p in trainer.engine.module.parameters()]).any()
         self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
         every = t.nonfinite_check_every or t.log_every  # no host sync beyond the logging step's by default
         if due(step, every, t.max_steps) or checkpoint:
@@ -98,14 +97,14 @@ class NonFiniteGuard(Callback):
                 )
 
     @staticmethod
-    def _grad_norm_bad(trainer: Trainer) -> torch.Tensor:
-        """Whether the step's global gradient norm is NaN/inf, as a device flag (no host sync). DeepSpeed keeps it
-        under ZeRO 1-3 (ZeRO 0 does not: there the weights are checked before each checkpoint instead); fp16 runs
-        are left to DeepSpeed's loss scaler, which skips overflowing steps itself."""
-        norm = trainer.engine.get_global_grad_norm()
-        if norm is None or trainer.cfg.trainer.precision == "fp16":
+    def _grad_norm_bad(trainer: Trainer, out: StepOutput) -> torch.Tensor:
+        """Whether the step's global gradient norm is NaN/inf, as a device flag (no host sync). Every engine gives
+        it at logging and checkpoint steps (:meth:`trainers.engines.base.Engine.backward`), so a checkpoint never
+        holds weights stepped with a non-finite gradient; fp16 runs are left to the loss scaler, which skips
+        overflowing steps itself."""
+        if out.grad_norm is None or trainer.cfg.trainer.precision == "fp16":
             return torch.zeros((), dtype=torch.bool, device=trainer.device)
-        return ~torch.isfinite(torch.as_tensor(norm, device=trainer.device))
+        return ~torch.isfinite(out.grad_norm)
 
     def _count_skipped(self, trainer: Trainer, step: int) -> None:
         t = trainer.cfg.trainer
@@ -155,25 +154,34 @@ class TrainLogger(Callback):
         self.wait_s += out.wait_s
         t = trainer.cfg.trainer
         if due(step, t.log_every, t.max_steps):
-            trainer.last_train_loss = self._log(trainer, step, time.perf_counter() - self.t0)
+            trainer.last_train_loss = self._log(trainer, step, time.perf_counter() - self.t0, out.grad_norm)
             self._reset(time.perf_counter())
 
-    def _log(self, trainer: Trainer, step: int, dt: float) -> float | None:
-        """Logs the window's metrics; returns its mean training loss (None: every step was skipped)."""
+    def _log(self, trainer: Trainer, step: int, dt: float, norm: torch.Tensor | None) -> float | None:
+        """Logs the window's metrics; returns its mean training loss (None: every step was skipped).
+
+        ``train/grad_norm`` is the logging step's global gradient norm before clipping; ``perf/mem_peak_gb`` the
+        largest peak memory of any rank (:func:`trainers.engines.base.peak_memory_gb`)."""
         import torch.distributed as dist
+
+        from trainers.engines.base import peak_memory_gb
 
         keys = sorted(self.sums)
         n = torch.tensor(float(self.n_kept), device=trainer.device)
         loss = self.loss if self.loss is not None else torch.zeros((), device=trainer.device)
         buf = torch.stack([loss, *(self.sums[k] for k in keys), n])
         dist.all_reduce(buf)
+        peak = torch.tensor(peak_memory_gb(trainer.device), device=trainer.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         means = (buf[:-1] / buf[-1]).tolist()
         work = trainer.work
         units = self.n_micro * trainer.cfg.trainer.micro_batch_size * work.units_per_row  # this rank
         rate_rank = units / dt
         perf = {"train/loss": means[0]} if self.n_kept else {}
         perf.update({"lr": trainer.lr(step), f"perf/{work.unit}_per_s": rate_rank * trainer.world,
-                     "data/wait_frac": self.wait_s / dt})
+                     "data/wait_frac": self.wait_s / dt, "perf/mem_peak_gb": peak.item()})
+        if norm is not None:
+            perf["train/grad_norm"] = norm.item()
         if trainer.cfg.trainer.on_nonfinite == "skip":
             perf["train/skipped_steps"] = trainer.skipped_steps
         if work.flops_per_unit:
@@ -236,7 +244,7 @@ class Checkpointer(Callback):
             metrics["train/loss"] = trainer.last_train_loss
         metrics.update(trainer.step_evals or {})
         with tempfile.TemporaryDirectory(prefix="rpt-ckpt-") as tmp:
-            save_checkpoint(trainer.engine, tmp, state=st, zero_stage=t.zero_stage, export=trainer.work.export)
+            save_checkpoint(trainer.engine, tmp, state=st, export=trainer.work.export)
             save_rng(tmp, trainer.rank, trainer.gen)
             write_marker(tmp, rank=trainer.rank, world_size=trainer.world, step=step)  # last: this rank is done
             trainer.ctx.report(metrics, Path(tmp))

@@ -2,8 +2,9 @@
 
 One checkpoint folder (one ``ray.train.report``) holds:
 
-- ``ds/``: DeepSpeed engine state, one file set per rank (module, optimizer shards; no LR scheduler: the LR is a
-  pure function of the step and the configured schedule);
+- the engine's full state (no LR scheduler: the LR is a pure function of the step and the configured schedule):
+  ``ds/`` (DeepSpeed: one file set per rank, module and optimizer shards) or ``dcp/`` (accelerate:
+  ``torch.distributed.checkpoint`` shards and metadata, loadable on any number of ranks);
 - ``train_state.json``: step, tokens seen, skipped steps, data position, schedule name + parameters, config,
   MLflow run;
 - ``rng-rank<r>.pt``: each rank's random state (Python, NumPy, torch, the loop's generator);
@@ -32,14 +33,16 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 import torch
 
 from data.stream import DataPosition
 
-DS_TAG = "ds"
+if TYPE_CHECKING:
+    from trainers.engines.base import Engine
+
 TRAIN_STATE = "train_state.json"
 MARKER = re.compile(r"complete-rank(\d+)\.json")
 
@@ -113,34 +116,31 @@ def load_rng(directory: str | Path, rank: int, generator: torch.Generator) -> bo
     return True
 
 
-def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """Full weights on rank 0 (None elsewhere). Collective under ZeRO-3: every rank must call it."""
-    if zero_stage == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    if engine.global_rank != 0:
-        return None
-    return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
-
-
-def save_checkpoint(engine, directory: str | Path, *, state: TrainState, zero_stage: int, export) -> None:
+def save_checkpoint(engine: Engine, directory: str | Path, *, state: TrainState, export) -> None:
     """Write this rank's part of a checkpoint into ``directory`` (all ranks call it).
 
     ``export(full_state_dict, directory)`` writes the consolidated export files on rank 0 (the decoder
     LM's ``model.safetensors`` + tokenizer, or a vision encoder's files: :mod:`trainers.workloads`).
     """
-    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"step": state.step})
-    full = consolidated_state_dict(engine, zero_stage)
-    if engine.global_rank == 0:
+    engine.save(Path(directory), state.step)
+    full = engine.full_state_dict()  # collective
+    if full is not None:
         state.save(directory)
-        export({k: v.float() for k, v in full.items()}, Path(directory))
+        export(full, Path(directory))
 
 
-def load_checkpoint(engine, directory: str | Path) -> TrainState:
-    """Restore engine (module, optimizer, LR scheduler) and return the train state."""
-    _, client = engine.load_checkpoint(str(directory), tag=DS_TAG)
+def load_checkpoint(engine: Engine, directory: str | Path, *, world: int) -> TrainState:
+    """Restore the engine's full state (weights, optimizer; resharded when another number of ranks wrote it) and
+    return the train state."""
+    from trainers.engines.base import check_state_dir
+
+    directory = Path(directory)
     state = TrainState.load(directory)
-    if client is None or client.get("step") != state.step:
-        raise RuntimeError(f"checkpoint {directory}: DeepSpeed state and {TRAIN_STATE} disagree on the step")
+    check_state_dir(directory, engine)
+    saved_world = state.data_position.world_size if state.data_position is not None else world
+    step = engine.load(directory, saved_world=saved_world)
+    if step != state.step:
+        raise RuntimeError(f"checkpoint {directory}: the {engine.name} state and {TRAIN_STATE} disagree on the step")
     return state
 
 

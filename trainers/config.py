@@ -115,7 +115,7 @@ class OptimizerSpec(_Strict):
 
 
 class TrainerSpec(_Strict):
-    """The worker-side loop, the DeepSpeed engine and the Ray Train scaling."""
+    """The worker-side loop, the engine (DeepSpeed or accelerate) and the Ray Train scaling."""
 
     num_workers: int = Field(2, ge=1, le=4096)
     use_gpu: bool = False
@@ -127,7 +127,14 @@ class TrainerSpec(_Strict):
     micro_batch_size: int = Field(16, ge=1, description="rows per rank per forward pass")
     grad_accum_steps: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, ge=0.0, description="global gradient-norm clip; 0 disables")
-    zero_stage: int = Field(2, ge=0, le=3)
+    engine: Literal["deepspeed", "accelerate"] = Field(
+        "deepspeed", description="deepspeed (ZeRO 0-3) or accelerate (zero_stage 0: DDP, 2: FSDP2 sharding gradients "
+        "and optimizer state, 3: FSDP2 full shard)")
+    zero_stage: int = Field(2, ge=0, le=3, description="0: replicated; 1: optimizer state sharded (deepspeed only); "
+                            "2: + gradients; 3: + parameters")
+    activation_checkpointing: bool = Field(False, description="recompute each transformer block's activations in "
+                                           "the backward instead of keeping them (less memory, ~1/3 more compute)")
+    compile: bool = Field(False, description="torch.compile each transformer block (per-block, in place)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(50, ge=1)
@@ -164,6 +171,20 @@ class TrainerSpec(_Strict):
         description="on_nonfinite=stop: steps between host reads of the on-device finite flag; None: at logging "
         "steps (where the loop syncs anyway) and before every checkpoint",
     )
+
+    @model_validator(mode="after")
+    def _engine_stage(self) -> TrainerSpec:
+        if self.engine == "accelerate" and self.zero_stage == 1:
+            raise ValueError(
+                "trainer.zero_stage=1 has no counterpart with trainer.engine=accelerate; allowed: 0 (DDP), 2 (FSDP2, "
+                "gradients and optimizer state sharded), 3 (FSDP2 full shard), or use trainer.engine=deepspeed"
+            )
+        if self.engine == "accelerate" and self.zero_stage >= 2 and self.precision == "fp16":
+            raise ValueError(
+                f"trainer.precision=fp16 with trainer.engine=accelerate and zero_stage={self.zero_stage} (FSDP2) is not "
+                "supported (it needs a sharded gradient scaler); use precision bf16 or fp32, or zero_stage 0 (DDP)"
+            )
+        return self
 
     @property
     def rows_per_step(self) -> int:

@@ -32,7 +32,7 @@ import torch
 
 from data.stream import StreamPlan
 from trainers.batches import PlannedBatches
-from trainers.callbacks import Callback, Checkpointer, Evaluator, NonFiniteGuard, StepOutput, TrainLogger
+from trainers.callbacks import Callback, Checkpointer, Evaluator, NonFiniteGuard, StepOutput, TrainLogger, due
 from trainers.checkpoint import CheckpointDir, TrainState, load_checkpoint, load_rng
 from trainers.config import RunConfig
 
@@ -76,8 +76,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, plan: FitPlan, ctx, callbacks: Sequence[Callback] = ()):
-        from trainers import schedules, workloads
-        from trainers.engine import build_engine
+        from trainers import engines, schedules, workloads
         from trainers.metrics import AsyncMlflowSink, NullSink, peak_tflops, system_monitor
 
         self.cfg, self.plan, self.ctx, t = cfg, plan, ctx, cfg.trainer
@@ -89,7 +88,7 @@ class Trainer:
             self.work.init_weights(model, t.init_from)
         self.objective = self.work.build_objective()
         self.lr_fn = schedules.get(cfg.schedule.name, **cfg.schedule_params())
-        self.engine, self.optimizer = build_engine(model, t, cfg.optimizer)
+        self.engine = engines.build(model, t, cfg.optimizer)
         self.device = self.engine.device
         spill = (plan.checkpoints.fs, plan.checkpoints.run_dir) if plan.checkpoints is not None else None
         self.sink = (AsyncMlflowSink(plan.tracking_uri, plan.mlflow_run_id, spill=spill,
@@ -123,7 +122,7 @@ class Trainer:
         with self.ctx.latest_checkpoint() as own, self._resume_source(own) as src:
             if src is None:
                 return
-            self.state = load_checkpoint(self.engine, src)
+            self.state = load_checkpoint(self.engine, src, world=self.world)
             if own is None:
                 self.state.skipped_steps = 0  # a new run (resume_from) counts its own skipped steps
             self.skipped_steps = self.state.skipped_steps
@@ -209,42 +208,40 @@ class Trainer:
 
         ``trainer.on_nonfinite: skip``: each micro-batch's loss is checked on every rank before its backward
         (:meth:`_nonfinite_on_any_rank`: one all-reduce and one host sync per micro-batch, the price of
-        ``skip``; ``stop`` and ``ignore`` add none). A non-finite loss on any rank makes that micro-batch's
-        backward a zero loss's (:meth:`_backward_zero`), so DeepSpeed's gradient hooks and accumulation
-        bookkeeping run as usual, and skips the whole step: its optimizer step runs at LR 0. With LR 0 AdamW
-        changes no weight (the decoupled weight decay ``1 - lr * wd`` is 1 too); its state still takes the
-        step: the step count advances and the moments decay by one step (taking in the gradients of the step's
-        finite micro-batches, when ``grad_accum_steps`` > 1). The step's rows are consumed like any other's
-        (never repeated); :class:`trainers.callbacks.NonFiniteGuard` counts the step and enforces
-        ``trainer.max_skipped_steps``, :class:`trainers.callbacks.TrainLogger` leaves its loss out.
+        ``skip``; ``stop`` and ``ignore`` add none). A non-finite loss on any rank leaves that micro-batch out
+        of the backward (:meth:`trainers.engines.base.Engine.backward` with ``None``) and skips the whole step:
+        it runs at LR 0 and changes no weight. The step's rows are consumed like any other's (never repeated);
+        :class:`trainers.callbacks.NonFiniteGuard` counts the step and enforces ``trainer.max_skipped_steps``,
+        :class:`trainers.callbacks.TrainLogger` leaves its loss out.
+
+        The gradient norm (before clipping) is asked for at logging steps and before checkpoints; engines that
+        compute it anyway return it at every step.
         """
-        step, skip = self.state.step, self.cfg.trainer.on_nonfinite == "skip"
-        self._set_lr(self.lr(step))
+        t = self.cfg.trainer
+        step, skip = self.state.step, t.on_nonfinite == "skip"
+        self.engine.set_lr(self.lr(step))
         self.objective.set_step(step)
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
-        wait_s, skipped = 0.0, False
-        for _ in range(self.cfg.trainer.grad_accum_steps):
+        wait_s, skipped, norm = 0.0, False, None
+        want_norm = due(step + 1, t.log_every, t.max_steps) or due(step + 1, t.checkpoint_every, t.max_steps)
+        for i in range(t.grad_accum_steps):
+            boundary = i == t.grad_accum_steps - 1
             t0 = time.perf_counter()
             parts = self.batches.next()
             wait_s += time.perf_counter() - t0
-            prepared = self.objective.prepare(self.work.inputs(parts, self.device), self.gen)
-            loss, metrics = self.objective.loss(self.engine, prepared)
-            if skip and self._nonfinite_on_any_rank(loss):
-                skipped = True
-                self._set_lr(0.0)  # before the accumulation boundary's engine.step(): no weight changes
-                self._backward_zero()
-            else:
-                self.engine.backward(loss)
-            self.engine.step()
+            with self.engine.micro_batch(boundary):
+                prepared = self.objective.prepare(self.work.inputs(parts, self.device), self.gen)
+                loss, metrics = self.objective.loss(self.engine, prepared)
+                left_out = skip and self._nonfinite_on_any_rank(loss)
+                if left_out:
+                    skipped = True
+                    self.engine.set_lr(0.0)  # before the boundary's optimizer step: no weight changes
+                norm = self.engine.backward(None if left_out else loss, boundary=boundary, want_norm=want_norm)
             loss_sum += loss.detach().float()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-        return StepOutput(loss_sum, sums, self.cfg.trainer.grad_accum_steps, wait_s, skipped)
-
-    def _set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        return StepOutput(loss_sum, sums, t.grad_accum_steps, wait_s, skipped, norm)
 
     def _nonfinite_on_any_rank(self, loss: torch.Tensor) -> bool:
         """Whether ``loss`` is NaN/inf on any rank: a flag all-reduced (MAX) over the process group and read
@@ -254,21 +251,6 @@ class Trainer:
         flag = (~torch.isfinite(loss.detach())).any().float()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-    def _backward_zero(self) -> None:
-        """Backward of a loss that is exactly 0 and depends on every trainable parameter, with zero (finite)
-        gradients even where a weight is NaN/inf (``nan_to_num`` passes no gradient there): DeepSpeed's
-        gradient hooks and accumulation bookkeeping run as for any micro-batch. Under ZeRO-3 the parameters
-        are gathered for it (one all-gather, on skipped micro-batches only)."""
-        import contextlib
-
-        import deepspeed
-
-        params = [p for p in self.engine.module.parameters() if p.requires_grad]
-        gathered = self.cfg.trainer.zero_stage == 3
-        with deepspeed.zero.GatheredParameters(params) if gathered else contextlib.nullcontext():
-            zero = torch.nan_to_num(torch.stack([p.sum().float() for p in params]).sum()) * 0.0
-            self.engine.backward(zero)
 
     @torch.no_grad()
     def evaluate(self, val: dict[str, torch.Tensor]) -> float:

@@ -212,9 +212,9 @@ def test_nonfinite_loss_stops_the_run_before_a_checkpoint(process_group, rows, t
 
 @pytest.mark.parametrize("zero_stage, every", [(2, 4), (0, 3)])
 def test_nonfinite_gradient_norm_with_a_finite_loss_stops_the_run(process_group, rows, tmp_path, zero_stage, every):
-    """The loss stays finite but its gradient is NaN (sqrt's slope at 0): ZeRO's global gradient norm is
-    checked too, and under ZeRO 0 (no norm kept) the weights before a checkpoint, so the run stops at that
-    step and the step-3 weights are never checkpointed."""
+    """The loss stays finite but its gradient is NaN (sqrt's slope at 0): the global gradient norm is checked
+    too (every engine gives it at logging and checkpoint steps), so the run stops at that step and the step-3
+    weights are never checkpointed."""
     tokens, val = rows
     trainer, ctx, _ = make(tokens, val, tmp_path / f"run{zero_stage}", max_steps=8, zero_stage=zero_stage, every=every)
     real = trainer.objective.loss
@@ -258,9 +258,7 @@ class Record(Callback):
         self.loss: dict[int, float] = {}
 
     def _keep(self, trainer, step):
-        from trainers.checkpoint import consolidated_state_dict
-
-        whole = consolidated_state_dict(trainer.engine, trainer.cfg.trainer.zero_stage)
+        whole = trainer.engine.full_state_dict()
         self.weights[step] = {k: v.detach().clone() for k, v in whole.items()}
 
     def on_fit_start(self, trainer):
@@ -304,7 +302,7 @@ def test_skip_leaves_the_weights_of_nonfinite_steps_and_trains_on(process_group,
     others do; the logged loss leaves them out; the count is logged and checkpointed; no row is repeated.
     ZeRO-3 partitions every parameter here (the debug model's are all below DeepSpeed's default persistence
     threshold, which would keep them whole)."""
-    from trainers import engine
+    from trainers.engines import deepspeed as engine
 
     ds_config = engine.deepspeed_config
     monkeypatch.setattr(engine, "deepspeed_config", lambda t: {
@@ -409,7 +407,7 @@ class GradNorms(Callback):
             grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
             self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
 
-        trainer.optimizer.register_step_pre_hook(hook)
+        trainer.engine.optimizer.register_step_pre_hook(hook)
 
 
 # Float tolerances of the equivalence tests below (fp32 on CPU). A loss of ~4.6 is 4.8e-7 per ulp; the weights
@@ -501,7 +499,7 @@ def test_zero3_resume_reproduces_the_uninterrupted_fit_exactly(zero_fits, rows, 
 
 
 def test_engine_build_does_not_compile_the_cpu_shm_op(process_group, rows, tmp_path, monkeypatch):
-    """trainers/engine.py turns DeepSpeed's CPU shared-memory all-reduce op off: on the first
+    """trainers/engines/deepspeed.py turns DeepSpeed's CPU shared-memory all-reduce op off: on the first
     ``deepspeed.initialize`` of a process, DeepSpeed's comm backend JIT-compiles it when
     ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]`` is true (30-40 s; training does not use it).
 
@@ -526,7 +524,7 @@ def test_engine_build_does_not_compile_the_cpu_shm_op(process_group, rows, tmp_p
     t0 = time.perf_counter()
     make(rows[0], rows[1], tmp_path, max_steps=4)
     build_s = time.perf_counter() - t0
-    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False, "trainers/engine.py's switch is gone"
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False, "trainers/engines/deepspeed.py's switch is gone"
     assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None  # a new comm backend, without the op
     assert loads == [], f"the engine build loaded (JIT-compiled) {loads} in {build_s:.0f} s"
     assert build_s < 15.0, f"building the engine took {build_s:.1f} s (seen: 0.1-2 s): is an op JIT-compiled?"
