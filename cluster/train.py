@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,8 @@ class FitStart:
     replay_rows: int = 0
     run_id: str | None = None
     skipped: tuple[str, ...] = ()  # newer checkpoints of the run found incomplete or damaged (--resume)
+    heads: dict[str, Any] = field(default_factory=dict)  # data.stream.Head per stream (an epoch resharded)
+    grad_accum_steps: int | None = None  # set when the global batch is kept on another number of workers
 
 
 def replay_rows_per_micro(cfg: RunConfig) -> int:
@@ -221,15 +223,8 @@ def fit_start(cfg: RunConfig, storage: Storage, resume: bool) -> FitStart:
                               + "); resuming would start over: run without --resume under another name")
         if found is not None:
             st = found[0]
-            if st.data_position.world_size != t.num_workers:
-                raise ConfigError(
-                    f"--resume: the checkpoint of run {cfg.name!r} at step {st.step} was written by "
-                    f"{st.data_position.world_size} workers and trainer.num_workers={t.num_workers}; resume with "
-                    f"trainer.num_workers={st.data_position.world_size} (the data position and the ZeRO optimizer "
-                    "shards are per rank)"
-                )
-            start = FitStart(cfg.name, st.step, st.data_position.rows_consumed, st.data_position.replay_rows_consumed,
-                             st.mlflow_run_id)
+            start = FitStart(cfg.name, st.step, run_id=st.mlflow_run_id)
+            _continue_data(cfg, st, start, f"--resume (run {cfg.name!r} at step {st.step})")
         start.skipped = tuple(p for p, _ in skipped)
         if storage.exists(storage.path(cfg.name, RUN_FILE)):
             start.run_id = json.loads(storage.read_text(storage.path(cfg.name, RUN_FILE)))["mlflow_run_id"]
@@ -240,18 +235,59 @@ def fit_start(cfg: RunConfig, storage: Storage, resume: bool) -> FitStart:
             st = storage.state_of(t.resume_from)
         except (StorageError, FileNotFoundError) as e:
             raise ConfigError(f"trainer.resume_from: {e}") from None
-        pos = st.data_position
         start.step = st.step
         if t.resume_data_position:
-            start.rows, start.replay_rows = pos.rows_consumed, pos.replay_rows_consumed
-        if pos.world_size != t.num_workers:
-            raise ConfigError(
-                f"trainer.resume_from={t.resume_from!r} was written by {pos.world_size} workers; "
-                f"set trainer.num_workers={pos.world_size} (the data position is per rank)"
-            )
+            _continue_data(cfg, st, start, f"trainer.resume_from={t.resume_from!r}")
+        else:
+            _keep_global_batch(cfg, st, start, f"trainer.resume_from={t.resume_from!r}")
         if start.step >= t.max_steps:
             raise ConfigError(f"trainer.max_steps={t.max_steps} but trainer.resume_from is already at step {start.step}")
     return start
+
+
+def _stream_totals(cfg: RunConfig) -> dict[str, int]:
+    """Rows per epoch of each planned stream (``train``; ``replay`` with a replay fraction)."""
+    from data.stream import load_shards
+
+    totals = {"train": sum(s.rows for s in load_shards(cfg.data.path, "train"))}
+    if replay_rows_per_micro(cfg):
+        totals["replay"] = sum(s.rows for p in cfg.data.replay.paths for s in load_shards(p, "train"))
+    return totals
+
+
+def _continue_data(cfg: RunConfig, st, start: FitStart, what: str) -> None:
+    """The checkpoint's data position for this fit, resharded when it was written by another number of workers
+    (the rest of the epoch split over the new ones: :meth:`data.stream.DataPosition.resharded`)."""
+    pos = st.data_position
+    moved = pos.resharded(_stream_totals(cfg), cfg.trainer.num_workers)
+    start.rows, start.replay_rows, start.heads = moved.rows_consumed, moved.replay_rows_consumed, moved.heads
+    _keep_global_batch(cfg, st, start, what)
+    if pos.world_size != cfg.trainer.num_workers:
+        log.warning("%s was written by %d workers; continuing on %d: the rest of data epoch %d is split over them "
+                    "and the optimizer state is resharded", what, pos.world_size, cfg.trainer.num_workers, pos.epoch)
+
+
+def _keep_global_batch(cfg: RunConfig, st, start: FitStart, what: str) -> None:
+    """On another number of workers with the checkpoint's micro_batch_size and grad_accum_steps, the rows per
+    optimizer step (the global batch, which the LR schedule was tuned for) stay the same: grad_accum_steps is
+    rescaled, or the change is refused when it cannot be."""
+    t = cfg.trainer
+    old_world = st.data_position.world_size if st.data_position else t.num_workers
+    old = st.config.get("trainer", {})
+    mb, accum = old.get("micro_batch_size", t.micro_batch_size), old.get("grad_accum_steps", t.grad_accum_steps)
+    if old_world == t.num_workers or (mb, accum) != (t.micro_batch_size, t.grad_accum_steps):
+        return  # the same world, or a batch the config chose explicitly
+    rows = old_world * mb * accum
+    if rows % (t.num_workers * mb):
+        raise ConfigError(
+            f"{what}: the checkpoint's global batch is {rows} rows per step ({old_world} workers x micro_batch_size "
+            f"{mb} x grad_accum_steps {accum}), which {t.num_workers} workers x micro_batch_size {mb} cannot divide; "
+            f"choose trainer.num_workers (or trainer.micro_batch_size) so that num_workers x micro_batch_size divides "
+            f"{rows}, or set trainer.grad_accum_steps for another global batch explicitly"
+        )
+    start.grad_accum_steps = rows // (t.num_workers * mb)
+    log.warning("%s: %d workers instead of %d; trainer.grad_accum_steps %d -> %d keeps the global batch of %d rows "
+                "per step", what, t.num_workers, old_world, accum, start.grad_accum_steps, rows)
 
 
 def open_tracking(cfg: RunConfig, uri: str, start: FitStart, facts: DataFacts, *, parent_run_id: str | None,
@@ -292,12 +328,14 @@ def plan_fit(cfg: RunConfig, facts: DataFacts, start: FitStart, uri: str, run_id
     cols = spec.columns
     shards = load_shards(cfg.data.path, "train")
     rows_per_stream = {"train": steps * t.grad_accum_steps * (t.micro_batch_size - replay_micro)}
-    streams = {"train": StreamPlan(tuple(shards), cfg.seed, start.rows, rows_per_stream["train"], cols)}
+    streams = {"train": StreamPlan(tuple(shards), cfg.seed, start.rows, rows_per_stream["train"], cols,
+                                   start.heads.get("train"))}
     datasets = {"train": ray.data.read_parquet([s.path for s in shards], columns=list(cols))}
     if replay_micro:
         rshards = [sh for p in cfg.data.replay.paths for sh in load_shards(p, "train")]
         count = steps * t.grad_accum_steps * replay_micro
-        streams["replay"] = StreamPlan(tuple(rshards), cfg.data.replay.seed, start.replay_rows, count, cols)
+        streams["replay"] = StreamPlan(tuple(rshards), cfg.data.replay.seed, start.replay_rows, count, cols,
+                                       start.heads.get("replay"))
         datasets["replay"] = ray.data.read_parquet([s.path for s in rshards], columns=list(cols))
     # Evaluation sets are small and fixed: each worker reads them directly (data.stream.read_rows).
     val_sets = {"val": cfg.data.path, **{f"val:{k}": v for k, v in cfg.data.eval_sets.items()}}
@@ -341,6 +379,8 @@ def run_train(
     facts = check_data(cfg)
     cfg = fill_from_data(cfg, facts)
     start = fit_start(cfg, storage, resume)
+    if start.grad_accum_steps is not None:
+        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"grad_accum_steps": start.grad_accum_steps})})
     check_writable(storage, start.name)
     run_id = open_tracking(cfg, uri, start, facts, parent_run_id=parent_run_id, tags=tags)
     storage.write_text(storage.path(start.name, RUN_FILE), json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))

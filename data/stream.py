@@ -19,12 +19,19 @@ dataset (whole shards dropped, the first shard filtered by row id), so a resumed
 repeats nor skips rows. A worker restarted inside the same ``fit()`` gets the fit's original
 iterator back and skips the rows it had already committed (it knows them from the checkpoint).
 The worker checks every batch's row ids against the plan, so any deviation fails loudly.
+
+Another world size (a resume on fewer or more workers, e.g. after a node was lost): what is left of the
+current epoch, the positions no rank had consumed yet, is concatenated in rank order and cut into
+``new_world`` equal contiguous parts, a :class:`Head` (:func:`reshard`); after it, epochs follow the regular
+layout for the new world size. So every row of the epoch is still consumed exactly once (the fewer than
+``new_world`` rows the cut leaves over wait for the next epoch, as an epoch's tail always does), and the
+plan stays a pure function of the shards, the seed and the position, which now carries the head.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,22 +59,59 @@ class Piece:
         return self.hi - self.lo
 
 
+Interval = tuple[int, int]  # positions [lo, hi) of an epoch's concatenated stream
+
+
+@dataclass(frozen=True)
+class Head:
+    """The rest of epoch ``epoch`` after a change of world size: the epoch-stream positions each rank takes
+    (``ranks[r]``: intervals, in order; ``rows`` per rank). A stream with a head counts its positions from the
+    head's start; after ``rows`` positions the regular layout goes on with epoch ``epoch + 1``."""
+
+    epoch: int
+    rows: int
+    ranks: tuple[tuple[Interval, ...], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "rows": self.rows, "ranks": [[list(iv) for iv in r] for r in self.ranks]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Head | None:
+        if d is None:
+            return None
+        ranks = tuple(tuple((int(lo), int(hi)) for lo, hi in r) for r in d["ranks"])
+        return cls(int(d["epoch"]), int(d["rows"]), ranks)
+
+
+def epoch_of(rows: int, epoch_rows: int, head: Head | None) -> int:
+    """The epoch a rank's stream is in after ``rows`` positions."""
+    if head is None:
+        return rows // epoch_rows
+    return head.epoch if rows < head.rows else head.epoch + 1 + (rows - head.rows) // epoch_rows
+
+
 @dataclass(frozen=True)
 class DataPosition:
     """What a checkpoint stores about the data: enough to continue with the next unseen row."""
 
-    rows_consumed: int  # per rank
+    rows_consumed: int  # per rank (from the head's start when the train stream has one)
     world_size: int
     seed: int
     epoch_rows: int  # rows per rank per epoch
     replay_rows_consumed: int = 0  # per rank, of the replay stream (continual pre-training)
+    heads: dict[str, Head] = field(default_factory=dict)  # per stream: the epoch resharded to this world size
 
     @property
     def epoch(self) -> int:
-        return self.rows_consumed // self.epoch_rows
+        return epoch_of(self.rows_consumed, self.epoch_rows, self.heads.get("train"))
+
+    def rows(self, stream: str) -> int:
+        return self.rows_consumed if stream == "train" else self.replay_rows_consumed
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "epoch": self.epoch}
+        d = {**asdict(self), "epoch": self.epoch}
+        d["heads"] = {k: h.to_dict() for k, h in self.heads.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataPosition:
@@ -77,7 +121,71 @@ class DataPosition:
             seed=int(d["seed"]),
             epoch_rows=int(d["epoch_rows"]),
             replay_rows_consumed=int(d.get("replay_rows_consumed", 0)),
+            heads={k: Head.from_dict(h) for k, h in (d.get("heads") or {}).items()},
         )
+
+    def resharded(self, totals: dict[str, int], world_size: int) -> DataPosition:
+        """This position on ``world_size`` ranks (:func:`reshard` of every stream; ``totals``: rows per epoch of
+        each stream, ``train`` and, in continual pre-training, ``replay``)."""
+        if world_size == self.world_size:
+            return self
+        moved = {name: reshard(n, self.world_size, self.rows(name), self.heads.get(name), world_size)
+                 for name, n in totals.items()}
+        return DataPosition(
+            rows_consumed=moved["train"][0], world_size=world_size, seed=self.seed,
+            epoch_rows=totals["train"] // world_size,
+            replay_rows_consumed=moved["replay"][0] if "replay" in moved else self.replay_rows_consumed,
+            heads={name: h for name, (_, h) in moved.items() if h is not None},
+        )
+
+
+def _skip(intervals: tuple[Interval, ...], n: int) -> list[Interval]:
+    """``intervals`` without their first ``n`` positions."""
+    out = []
+    for lo, hi in intervals:
+        take = min(n, hi - lo)
+        n -= take
+        if lo + take < hi:
+            out.append((lo + take, hi))
+    return out
+
+
+def _cut(intervals: list[Interval], start: int, count: int) -> tuple[Interval, ...]:
+    """Positions ``[start, start + count)`` of the concatenation of ``intervals``, as intervals."""
+    out, pos = [], 0
+    for lo, hi in intervals:
+        a, b = max(start, pos), min(start + count, pos + hi - lo)
+        if a < b:
+            out.append((lo + a - pos, lo + b - pos))
+        pos += hi - lo
+    return tuple(out)
+
+
+def layout(total: int, world_size: int, rows: int, head: Head | None) -> tuple[int, int, list[tuple[Interval, ...]]]:
+    """Where every rank is after ``rows`` positions: ``(epoch, offset in the epoch's layout, each rank's
+    intervals of that epoch)``."""
+    if head is not None and rows < head.rows:
+        return head.epoch, rows, list(head.ranks)
+    per = total // world_size
+    p, base = (rows - head.rows, head.epoch + 1) if head is not None else (rows, 0)
+    epoch, off = base + p // per, p % per
+    return epoch, off, [((r * per, (r + 1) * per),) for r in range(world_size)]
+
+
+def reshard(total: int, old_world: int, rows: int, head: Head | None, new_world: int) -> tuple[int, Head | None]:
+    """A stream's position after ``rows`` positions per rank on ``old_world`` ranks, moved to ``new_world``:
+    ``(rows, head)``. The epoch's unconsumed positions, in old-rank order, cut into ``new_world`` equal parts;
+    when fewer than ``new_world`` are left, the next epoch starts (``head`` None)."""
+    if total // new_world == 0:
+        raise ValueError(f"{total} rows cannot feed {new_world} workers; use fewer workers (trainer.num_workers)")
+    epoch, off, ranks = layout(total, old_world, rows, head)
+    if off == 0 and (head is None or rows >= head.rows):  # at an epoch's start: the regular layout from there
+        return epoch * (total // new_world), None
+    rest = [iv for r in ranks for iv in _skip(r, off)]
+    per = sum(hi - lo for lo, hi in rest) // new_world
+    if per == 0:
+        return (epoch + 1) * (total // new_world), None
+    return 0, Head(epoch, per, tuple(_cut(rest, r * per, per) for r in range(new_world)))
 
 
 def load_shards(prepared_dir: str | Path, split: str) -> list[Shard]:
@@ -110,32 +218,41 @@ def epoch_order(n_shards: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_shards)
 
 
-def rank_pieces(shards: list[Shard], *, world_size: int, rank: int, seed: int, start: int, count: int) -> list[Piece]:
-    """Rank ``rank``'s stream positions ``[start, start + count)`` as shard pieces, in order."""
-    per_rank = epoch_rows(shards, world_size)
-    if per_rank == 0:
+def rank_pieces(shards: list[Shard], *, world_size: int, rank: int, seed: int, start: int, count: int,
+                head: Head | None = None) -> list[Piece]:
+    """Rank ``rank``'s stream positions ``[start, start + count)`` as shard pieces, in order (positions counted
+    from the ``head``'s start when there is one)."""
+    total = sum(s.rows for s in shards)
+    if total // world_size == 0:
         raise ValueError(
-            f"{sum(s.rows for s in shards)} training rows cannot feed {world_size} workers; "
+            f"{total} training rows cannot feed {world_size} workers; "
             "prepare a larger corpus or use fewer workers (trainer.num_workers)"
         )
     pieces: list[Piece] = []
     pos, end = start, start + count
     while pos < end:
-        epoch, off = divmod(pos, per_rank)
-        take = min(end - pos, per_rank - off)
-        # the rank's range inside this epoch's concatenated stream
-        lo_s, hi_s = rank * per_rank + off, rank * per_rank + off + take
-        cursor = 0
-        for idx in epoch_order(len(shards), seed, epoch):
-            sh = shards[idx]
-            a, b = max(lo_s, cursor), min(hi_s, cursor + sh.rows)
-            if a < b:
-                pieces.append(Piece(epoch, int(idx), sh.row_id_start + a - cursor, sh.row_id_start + b - cursor))
-            cursor += sh.rows
-            if cursor >= hi_s:
-                break
+        epoch, off, ranks = layout(total, world_size, pos, head)
+        mine = _skip(ranks[rank], off)
+        left = sum(hi - lo for lo, hi in mine)
+        take = min(end - pos, left)
+        for lo_s, hi_s in _cut(mine, 0, take):
+            pieces.extend(_epoch_pieces(shards, seed, epoch, lo_s, hi_s))
         pos += take
     return pieces
+
+
+def _epoch_pieces(shards: list[Shard], seed: int, epoch: int, lo_s: int, hi_s: int) -> list[Piece]:
+    """Positions ``[lo_s, hi_s)`` of epoch ``epoch``'s concatenated stream as shard pieces."""
+    out, cursor = [], 0
+    for idx in epoch_order(len(shards), seed, epoch):
+        sh = shards[idx]
+        a, b = max(lo_s, cursor), min(hi_s, cursor + sh.rows)
+        if a < b:
+            out.append(Piece(epoch, int(idx), sh.row_id_start + a - cursor, sh.row_id_start + b - cursor))
+        cursor += sh.rows
+        if cursor >= hi_s:
+            break
+    return out
 
 
 def pieces_row_ids(pieces: list[Piece]) -> np.ndarray:
@@ -198,19 +315,25 @@ class StreamPlan:
     start: int
     count: int
     columns: tuple[str, ...] = ("tokens", "row_id")  # image data: ("images", "labels", "row_id")
+    head: Head | None = None  # the epoch resharded to this world size (positions count from its start)
+
+    @property
+    def total(self) -> int:
+        """Rows of one epoch."""
+        return sum(s.rows for s in self.shards)
 
     def pieces(self, world_size: int, rank: int) -> list[Piece]:
         return rank_pieces(list(self.shards), world_size=world_size, rank=rank, seed=self.seed, start=self.start,
-                           count=self.count)
+                           count=self.count, head=self.head)
 
     def to_dict(self) -> dict[str, Any]:
         return {"shards": [asdict(s) for s in self.shards], "seed": self.seed, "start": self.start, "count": self.count,
-                "columns": list(self.columns)}
+                "columns": list(self.columns), "head": self.head.to_dict() if self.head else None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamPlan:
         return cls(tuple(Shard(**s) for s in d["shards"]), int(d["seed"]), int(d["start"]), int(d["count"]),
-                   tuple(d.get("columns", ("tokens", "row_id"))))
+                   tuple(d.get("columns", ("tokens", "row_id"))), Head.from_dict(d.get("head")))
 
 
 def _planned_data_config_base():

@@ -23,15 +23,15 @@ class PlannedBatches:
         self.iters: dict[str, Any] = {}
 
     def restore(self, pos: DataPosition) -> None:
-        """Continue at a checkpoint's position (it must lie inside this fit's plan)."""
-        if pos.world_size != self.world:
-            raise ValueError(
-                f"checkpoint was written by {pos.world_size} workers, this run has {self.world}: the data "
-                "position is per rank; resume with the same trainer.num_workers"
-            )
-        restored = {"train": pos.rows_consumed, "replay": pos.replay_rows_consumed}
+        """Continue at a checkpoint's position (it must lie inside this fit's plan). A position written by another
+        number of ranks is resharded first (:meth:`data.stream.DataPosition.resharded`), as the driver did when it
+        planned this fit."""
+        pos = pos.resharded({name: sp.total for name, sp in self.streams.items()}, self.world)
         for name, sp in self.streams.items():
-            self.rows[name] = restored[name]
+            self.rows[name] = pos.rows(name)
+            if pos.heads.get(name) != sp.head:
+                raise RuntimeError(f"checkpoint position of stream {name!r} is not the one this fit was planned at "
+                                   f"(resharded epoch {pos.heads.get(name)} vs {sp.head})")
             if self.rows[name] < sp.start:
                 raise RuntimeError(
                     f"checkpoint position {self.rows[name]} of stream {name!r} precedes this fit's start {sp.start}"
@@ -73,8 +73,9 @@ class PlannedBatches:
             rows_consumed=self.rows["train"],
             world_size=self.world,
             seed=train.seed,
-            epoch_rows=sum(s.rows for s in train.shards) // self.world,
+            epoch_rows=train.total // self.world,
             replay_rows_consumed=self.rows.get("replay", 0),
+            heads={name: sp.head for name, sp in self.streams.items() if sp.head is not None},
         )
 
     def take_committed(self) -> dict[str, np.ndarray]:

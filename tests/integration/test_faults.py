@@ -105,9 +105,9 @@ def test_resume_skips_cut_off_and_damaged_checkpoints_and_matches_the_undisturbe
         baseline, debug_data, tmp_path, tracking_uri, caplog):
     first = run_train(cfg(debug_data, tmp_path, "resume-damage", "trainer.max_steps=16"), tracking_uri=tracking_uri,
                       register=False)
-    with pytest.raises(ConfigError, match=r"written by 2 workers and trainer.num_workers=1; resume with "
-                                          r"trainer.num_workers=2"):
-        run_train(cfg(debug_data, tmp_path, "resume-damage", "trainer.num_workers=1"), resume=True,
+    with pytest.raises(ConfigError, match=r"global batch is 16 rows per step \(2 workers x micro_batch_size 8 x "
+                                          r"grad_accum_steps 1\), which 3 workers x micro_batch_size 8 cannot divide"):
+        run_train(cfg(debug_data, tmp_path, "resume-damage", "trainer.num_workers=3"), resume=True,
                   tracking_uri=tracking_uri, register=False)
     run = tmp_path / "results" / "resume-damage"
     ckpt16 = Path(first.checkpoint)

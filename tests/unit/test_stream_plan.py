@@ -82,3 +82,62 @@ def test_read_rows_spans_files_keeps_order_and_list_widths(tmp_path):
     assert len(read_rows(paths, ["row_id"], 100)["row_id"]) == 12  # fewer rows than asked: all of them
     with pytest.raises(ValueError, match="no rows"):
         read_rows([], ["row_id"], 4)
+
+
+def consumed(world, rows, head=None, seed=0):
+    """Row ids every rank read in its first ``rows`` positions (from the head's start)."""
+    return [pieces_row_ids(rank_pieces(SHARDS, world_size=world, rank=r, seed=seed, start=0, count=rows, head=head))
+            for r in range(world)]
+
+
+def epoch_ids(epoch, seed=0):
+    order = np.random.default_rng([seed, epoch]).permutation(len(SHARDS))
+    return np.concatenate([np.arange(SHARDS[i].row_id_start, SHARDS[i].row_id_start + SHARDS[i].rows) for i in order])
+
+
+@pytest.mark.parametrize(("old", "new", "k"), [(2, 1, 4), (1, 2, 9), (3, 2, 1), (2, 3, 12), (2, 4, 1), (4, 1, 5)])
+def test_reshard_consumes_the_rest_of_the_epoch_exactly_once(old, new, k):
+    """``k`` rows per rank on ``old`` ranks, then the rest of the epoch on ``new`` ranks: together every row the
+    old layout planned for the epoch once (fewer than ``new`` left over), then the next epoch in the regular
+    layout for ``new`` ranks."""
+    from data.stream import reshard
+
+    before = np.concatenate(consumed(old, k))
+    rows, head = reshard(N, old, k, None, new)
+    assert rows == 0 and head is not None and head.epoch == 0
+    after = consumed(new, head.rows, head)
+    assert len({len(a) for a in after}) == 1  # equal shares
+    both = np.concatenate([before, *after])
+    assert len(both) == len(np.unique(both))  # nothing twice
+    planned = (N // old) * old
+    assert planned - new < len(both) <= planned and set(both) <= set(epoch_ids(0))
+    # the position after the head is the next epoch in the new world's regular layout
+    nxt = [pieces_row_ids(rank_pieces(SHARDS, world_size=new, rank=r, seed=0, start=head.rows, count=N // new,
+                                      head=head)) for r in range(new)]
+    np.testing.assert_array_equal(np.concatenate(nxt), epoch_ids(1)[: (N // new) * new])
+
+
+def test_reshard_twice_and_at_an_epoch_end():
+    from data.stream import Head, reshard
+
+    r1, h1 = reshard(N, 2, 5, None, 3)
+    part = consumed(3, 2, h1)
+    r2, h2 = reshard(N, 3, 2, h1, 1)
+    rest = consumed(1, h2.rows, h2)
+    both = np.concatenate([*consumed(2, 5), *part, *rest])
+    assert len(both) == len(np.unique(both)) and len(both) >= (N // 2) * 2 - 2  # each cut leaves < new over
+    # an epoch used up: the next one starts in the regular layout (rows = epoch * rows per rank)
+    assert reshard(N, 2, N // 2, None, 3) == (N // 3, None)
+    assert reshard(N, 2, 0, None, 3) == (0, None)
+    d = DataPosition(rows_consumed=1, world_size=3, seed=0, epoch_rows=N // 3, heads={"train": h1}).to_dict()
+    assert DataPosition.from_dict(d).heads["train"] == h1 and isinstance(h1, Head)
+    assert DataPosition.from_dict(d).epoch == 0
+
+
+def test_position_resharded_moves_every_stream():
+    p = DataPosition(rows_consumed=20, world_size=2, seed=0, epoch_rows=15, replay_rows_consumed=3)
+    q = p.resharded({"train": N, "replay": 12}, 1)
+    assert q.world_size == 1 and q.epoch_rows == N and q.epoch == 1
+    assert q.rows_consumed == 0 and q.heads["train"].rows == (15 - 5) * 2
+    assert q.replay_rows_consumed == 0 and q.heads["replay"].rows == (6 - 3) * 2
+    assert p.resharded({"train": N}, 2) is p
