@@ -11,6 +11,7 @@ probing attributes:
 | :meth:`set_step` | worker, before every step | no-op | ``hpm`` (the easy-to-hard ramp, the EMA teacher's update) |
 | :meth:`reduce_metrics` | worker, at every logging step | metrics unchanged | ``ul2`` (per-denoiser cross-entropy) |
 | :meth:`class_text_embeddings` | worker, at evaluation | ``None`` (no text tower) | ``clip`` (zero-shot probe) |
+| :meth:`check_trainer` | driver, when the config is validated | any engine and stage | ``hpm`` (whole parameters) |
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class ObjectiveHooks:
     def reduce_metrics(self, means: dict[str, float]) -> dict[str, float]:
         """Derived metrics from the rank-averaged ones at a logging step (e.g. ratios of summed parts)."""
         return means
+
+    def check_trainer(self, engine: str, zero_stage: int) -> None:
+        """Raise ``ValueError`` (naming the allowed settings) when the objective cannot train on ``trainer.engine``
+        with ``trainer.zero_stage``; every engine and stage by default."""
 
     def class_text_embeddings(self, model, device=None):
         """Text embeddings of every class caption (objectives with a text tower), else ``None``."""

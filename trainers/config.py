@@ -259,6 +259,7 @@ class RunConfig(_Strict):
         from trainers import schedules
 
         obj = objectives.get(self.objective.name, **self.objective.params)
+        obj.check_trainer(self.trainer.engine, self.trainer.zero_stage)
         if self.vit is not None and not isinstance(obj, VisionObjective):
             raise ValueError(
                 f"vit is set but objective {self.objective.name!r} trains the decoder LM (configured under model:); "

@@ -232,7 +232,7 @@ class Trainer:
             wait_s += time.perf_counter() - t0
             with self.engine.micro_batch(boundary):
                 prepared = self.objective.prepare(self.work.inputs(parts, self.device), self.gen)
-                loss, metrics = self.objective.loss(self.engine, prepared)
+                loss, metrics = self.objective.loss(self.engine.model, prepared)
                 left_out = skip and self._nonfinite_on_any_rank(loss)
                 if left_out:
                     skipped = True
@@ -267,7 +267,7 @@ class Trainer:
         for i in range(0, n_rows, mb):
             inputs = self.work.inputs([{k: v[i : i + mb] for k, v in val.items()}], self.device)
             n = len(next(iter(inputs.values())))
-            loss, _ = self.objective.loss(self.engine, self.objective.prepare(inputs, None))
+            loss, _ = self.objective.loss(self.engine.model, self.objective.prepare(inputs, None))
             total += torch.stack([loss.float() * n, torch.tensor(float(n), device=self.device)])
         self.engine.train()
         dist.all_reduce(total)

@@ -282,7 +282,7 @@ class HPM(MAE):
         net = _unwrap(model)
         if self._teacher_ready is net:
             return net.teacher
-        if any(hasattr(p, "ds_id") for p in net.parameters()):
+        if any(hasattr(p, "ds_id") for p in net.parameters()):  # the driver checks first (check_trainer)
             raise ValueError("hpm's EMA teacher needs whole parameters on every rank: use trainer.zero_stage <= 2")
         teacher = net.teacher
         teacher.float()  # DeepSpeed casts the whole module under bf16/fp16
@@ -294,6 +294,16 @@ class HPM(MAE):
                 teacher.synced.fill_(1)
         self._teacher_ready = net
         return teacher
+
+    def check_trainer(self, engine: str, zero_stage: int) -> None:
+        """The teacher is called outside the model's forward pass, so it needs whole parameters on every rank
+        between steps: DeepSpeed up to ZeRO-2, accelerate's DDP (FSDP2 keeps parameters sharded between steps)."""
+        if (engine == "deepspeed" and zero_stage == 3) or (engine == "accelerate" and zero_stage >= 2):
+            raise ValueError(
+                f"objective hpm with trainer.engine={engine} and trainer.zero_stage={zero_stage}: its EMA teacher "
+                "needs whole parameters on every rank; allowed: engine deepspeed with zero_stage 0-2, or engine "
+                "accelerate with zero_stage 0 (DDP)"
+            )
 
     def update_teacher(self, model: nn.Module, step: int) -> None:
         """One EMA update of ``model``'s teacher towards its online encoder and loss predictor, with the

@@ -88,18 +88,24 @@ def test_span_corruption_trains(objective_data, tmp_path, module_tracking):
     assert {"train/ce", "train/z"} <= keys
 
 
-def test_ul2_trains_and_logs_every_denoiser(objective_data, tmp_path, module_tracking):
-    out, client, keys = train_and_check("ul2", objective_data, tmp_path, module_tracking)
+ENGINES = {"deepspeed": (), "accelerate": ("trainer.engine=accelerate", "trainer.zero_stage=3")}  # FSDP2
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_ul2_trains_and_logs_every_denoiser(objective_data, tmp_path, module_tracking, engine):
+    out, client, keys = train_and_check("ul2", objective_data, tmp_path, module_tracking, *ENGINES[engine])
     names = [d.name for d in objectives.get("ul2").active]
     assert {f"train/{n}/{part}" for n in names for part in ("ce_sum", "tokens")} <= keys
     tokens = [client.get_metric_history(out.mlflow_run_id, f"train/{n}/tokens")[-1].value for n in names]
     assert all(t > 0 for t in tokens)  # 30 steps x 8 rows: every denoiser was drawn
 
 
-def test_self_distillation_trains_toward_the_mlm_teacher(mlm_run, objective_data, tmp_path, module_tracking):
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_self_distillation_trains_toward_the_mlm_teacher(mlm_run, objective_data, tmp_path, module_tracking, engine):
     teacher = mlm_run[0].checkpoint
     out, client, keys = train_and_check(
-        "self_distillation", objective_data, tmp_path, module_tracking, f"objective.teacher={teacher}"
+        "self_distillation", objective_data, tmp_path, module_tracking, f"objective.teacher={teacher}",
+        *ENGINES[engine]
     )
     assert {"train/ce", "train/distance"} <= keys
     distance = client.get_metric_history(out.mlflow_run_id, "train/distance")

@@ -62,11 +62,19 @@ def vision_cfg(name: str, data: Path, tmp: Path, *overrides: str):
     )
 
 
-@pytest.mark.parametrize("name", OBJECTIVES)
-def test_vision_objective_trains(name, fractal_data, tmp_path, module_tracking):
+ACCELERATE = ("trainer.engine=accelerate", "trainer.zero_stage=3")  # FSDP2, full shard
+
+
+@pytest.mark.parametrize(("name", "engine"), [*((n, "deepspeed") for n in OBJECTIVES),
+                                              *((n, "accelerate") for n in ("mae", "clip"))])
+def test_vision_objective_trains(name, engine, fractal_data, tmp_path, module_tracking):
+    """Every objective on DeepSpeed ZeRO-2; on accelerate FSDP2 the ones with a part outside the encoder (MAE's
+    decoder, CLIP's text encoder; HPM's EMA teacher needs whole parameters: tests/unit/test_engines.py)."""
     import mlflow
 
-    out = run_train(vision_cfg(name, fractal_data, tmp_path), tracking_uri=module_tracking, register=name == "simclr")
+    extra = ACCELERATE if engine == "accelerate" else ()
+    out = run_train(vision_cfg(name, fractal_data, tmp_path, *extra), tracking_uri=module_tracking,
+                    register=name == "simclr")
     client = mlflow.MlflowClient(module_tracking)
     train = client.get_metric_history(out.mlflow_run_id, "train/loss")
     values = [round(m.value, 4) for m in train]

@@ -109,7 +109,26 @@ def test_a_checkpoint_of_the_other_engine_is_a_clear_error(process_group, rows, 
     ({"engine": "accelerate", "zero_stage": 1}, "zero_stage=1 has no counterpart with trainer.engine=accelerate"),
     ({"engine": "accelerate", "zero_stage": 3, "precision": "fp16"}, "precision=fp16 with trainer.engine=accelerate"),
     ({"engine": "megatron"}, "deepspeed"),
+    ({"engine": "accelerate", "zero_stage": 2, "objective": "hpm"}, "hpm with trainer.engine=accelerate and "
+     r"trainer.zero_stage=2: .* allowed: engine deepspeed with zero_stage 0-2, or engine accelerate with zero_stage 0"),
+    ({"engine": "deepspeed", "zero_stage": 3, "objective": "hpm"}, "hpm with trainer.engine=deepspeed"),
 ])
 def test_engine_settings_are_checked(trainer, needle):
+    objective = trainer.pop("objective", "causal_lm")
     with pytest.raises(ValueError, match=needle):
-        validate_config({"name": "x", "data": {"path": "d"}, "trainer": trainer})
+        validate_config({"name": "x", "data": {"path": "d"}, "trainer": trainer, "objective": {"name": objective}})
+
+
+@pytest.mark.parametrize("objective", ["mlm"])
+def test_every_token_objective_trains_alike_on_both_engines(process_group, rows, tmp_path, objective):  # noqa: F811
+    """A masked objective (its masks drawn from the loop's seeded generator; the denoisers with sentinel tokens: 
+    tests/integration/test_objectives.py): accelerate
+    FSDP2 logs DeepSpeed ZeRO-0's losses."""
+    tokens, val = rows
+    logged = {}
+    for engine, stage in (("deepspeed", 0), ("accelerate", 3)):
+        t, _, _ = make(tokens, val, tmp_path / engine, max_steps=6, every=6, objective=objective, zero_stage=stage,
+                       trainer={"engine": engine})
+        t.fit()
+        logged[engine] = t.sink.logged["train/loss"]
+    assert_close(logged["accelerate"], logged["deepspeed"], 1e-3, objective)

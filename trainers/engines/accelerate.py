@@ -55,10 +55,10 @@ class AccelerateEngine(Engine):
         self.module = model.to(self.device)
         if self.sharded:
             self._fully_shard(model)
-            self.wrapped: torch.nn.Module = model
+            self.model = model
             self.optimizer = adamw(model, o)
         else:
-            self.wrapped, self.optimizer = self.acc.prepare(model, adamw(model, o))
+            self.model, self.optimizer = self.acc.prepare(model, adamw(model, o))
         self.skipped = False
 
     def _fully_shard(self, model: torch.nn.Module) -> None:
@@ -74,16 +74,13 @@ class AccelerateEngine(Engine):
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.wrapped(*args, **kwargs)
-
     def micro_batch(self, boundary: bool) -> contextlib.AbstractContextManager[None]:
         if self.sharded:
-            self.wrapped.set_requires_gradient_sync(boundary)
+            self.model.set_requires_gradient_sync(boundary)
             return contextlib.nullcontext()
-        if boundary or self.world == 1 or not isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel):
+        if boundary or self.world == 1 or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext()
-        return self.wrapped.no_sync()
+        return self.model.no_sync()
 
     def backward(self, loss: torch.Tensor | None, *, boundary: bool, want_norm: bool) -> torch.Tensor | None:
         """The loss is scaled by 1 / ``grad_accum_steps`` (the mean over the step's micro-batches, as DeepSpeed
@@ -108,16 +105,10 @@ class AccelerateEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def train(self) -> None:
-        self.wrapped.train()
-
-    def eval(self) -> None:
-        self.wrapped.eval()
-
     def _state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.wrapped, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
     def save(self, directory: Path, step: int) -> None:
@@ -136,7 +127,7 @@ class AccelerateEngine(Engine):
         state = self._state()
         state["step"] = torch.tensor(-1)
         dcp.load(state, checkpoint_id=str(Path(directory, DCP_DIR)))
-        set_state_dict(self.wrapped, self.optimizer, model_state_dict=state["model"],
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         if saved_world != self.world and self.rank == 0:
             log.info("resharded the accelerate (%s) state from %d to %d ranks",
@@ -146,7 +137,7 @@ class AccelerateEngine(Engine):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True,
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                            cpu_offload=self.sharded))
         if self.rank != 0:
             return None

@@ -26,7 +26,9 @@ class Engine(ABC):
     """A model, its optimizer and its parallelism, as the loop sees them.
 
     Attributes: ``device``; ``module``, the model as built (its parameters may be sharded in place);
-    ``optimizer``, whose ``param_groups`` carry the LR the loop sets before every step.
+    ``model``, the module the objectives call for every forward pass (the DeepSpeed engine, DDP, or the
+    FSDP2-sharded model itself: a wrapper must see each forward); ``optimizer``, whose ``param_groups`` carry the
+    LR the loop sets before every step.
     """
 
     name: str  # trainer.engine
@@ -36,11 +38,8 @@ class Engine(ABC):
         self.t, self.o = t, o
         self.device: torch.device
         self.module: torch.nn.Module
+        self.model: torch.nn.Module
         self.optimizer: torch.optim.Optimizer
-
-    @abstractmethod
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """The forward pass through the engine's wrapper (DeepSpeed engine, DDP, FSDP2 hooks)."""
 
     def micro_batch(self, boundary: bool) -> contextlib.AbstractContextManager[None]:
         """Around one micro-batch's forward and backward: gradients are synchronised only at the accumulation
@@ -68,10 +67,10 @@ class Engine(ABC):
         """The whole model's weights (float32, CPU) on rank 0, None elsewhere. Collective: every rank calls it."""
 
     def train(self) -> None:
-        self.module.train()
+        self.model.train()
 
     def eval(self) -> None:
-        self.module.eval()
+        self.model.eval()
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

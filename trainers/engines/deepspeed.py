@@ -64,14 +64,11 @@ class DeepSpeedEngine(Engine):
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.optimizer = adamw(model, o)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.config())
-        self.module, self.device = self.ds.module, self.ds.device
+        self.module, self.model, self.device = self.ds.module, self.ds, self.ds.device
         self.rank = self.ds.global_rank
 
     def config(self) -> dict[str, Any]:
         return deepspeed_config(self.t)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.ds(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor | None, *, boundary: bool, want_norm: bool) -> torch.Tensor | None:
         """DeepSpeed scales the loss by 1 / ``grad_accum_steps`` and steps the optimizer itself at the boundary
@@ -104,12 +101,6 @@ class DeepSpeedEngine(Engine):
         with deepspeed.zero.GatheredParameters(params) if gathered else contextlib.nullcontext():
             zero = torch.nan_to_num(torch.stack([p.sum().float() for p in params]).sum()) * 0.0
             self.ds.backward(zero)
-
-    def train(self) -> None:
-        self.ds.train()
-
-    def eval(self) -> None:
-        self.ds.eval()
 
     def save(self, directory: Path, step: int) -> None:
         self.ds.save_checkpoint(str(directory), tag=DS_TAG, client_state={"step": step})

@@ -70,7 +70,7 @@ class ImageWorkload:
         bank_emb, bank_labels = self._embed_all(trainer, bank, self.objective.embed)
         q_emb, q_labels = self._embed_all(trainer, rows, self.objective.embed)
         out = probes.probe_metrics(bank_emb, bank_labels, q_emb, q_labels, k=self.cfg.data.probe_k)
-        text = self.objective.class_text_embeddings(trainer.engine, trainer.device)  # None: no text tower
+        text = self.objective.class_text_embeddings(trainer.engine.model, trainer.device)  # None: no text tower
         if text is not None:  # CLIP: captions of every class as prompts
             img, labels = self._embed_all(trainer, rows, self.objective.image_embeddings)
             out["probe/zero_shot_acc"] = probes.zero_shot_accuracy(img, text, labels)
@@ -83,7 +83,7 @@ class ImageWorkload:
         chunks = []
         for i in range(0, len(rows["labels"]), mb):
             x = self.inputs([{k: v[i : i + mb] for k, v in rows.items()}], trainer.device)
-            chunks.append(embed(trainer.engine, x["images"]))
+            chunks.append(embed(trainer.engine.model, x["images"]))
         emb = torch.cat(chunks)
         labels = rows["labels"].to(trainer.device, dtype=torch.long)
         if trainer.world == 1:
