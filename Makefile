@@ -9,7 +9,7 @@ export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_DEDUP_LOGS ?= 1
 
-.PHONY: install demo vision-demo tune-demo test test-unit test-integration lint bench clean
+.PHONY: install demo vision-demo tune-demo test test-unit test-integration lint bench gpu-bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py --out benchmarks/results/throughput.json
+
+gpu-bench: $(STAMP)
+	$(BIN)/python benchmarks/gpu.py --out benchmarks/results/gpu.json
 
 clean:
 	rm -rf results mlartifacts mlruns.db data/prepared .pytest_cache

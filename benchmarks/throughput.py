@@ -1,14 +1,14 @@
-"""Throughput of the Ray Train + DeepSpeed loop against a plain PyTorch loop, same model, same batches.
+"""Throughput of the Ray Train loop on both engines against a plain PyTorch loop, same model, same batches.
 
     python benchmarks/throughput.py [--config configs/tiny-lm.yaml] [--steps 60] [--out benchmarks/results/throughput.json]
 
 Both loops train the config's model on the same prepared shards with the same micro-batch size and
 AdamW settings. The plain loop runs in this process (one rank, no Ray, no DeepSpeed) and reads the
-rows with pyarrow; the Ray loop is the real `rpt train` path (Ray Data stream, DeepSpeed engine,
-MLflow logging, checkpoints at the end only) with 1 worker holding every CPU (ZeRO-0, the
-like-for-like comparison: same thread count as the plain loop) and with the config's worker count
-and ZeRO stage. Tokens/s of the Ray runs is the median of the
-logged `perf/tokens_per_s` windows after the first (warm-up) window. Prints a table and writes JSON.
+rows with pyarrow; the Ray loops are the real `rpt train` path (Ray Data stream, the engine, MLflow
+logging, checkpoints at the end only), for each engine (DeepSpeed; accelerate) with 1 worker holding every
+CPU (ZeRO-0 / DDP, the like-for-like comparison: same thread count as the plain loop) and with the config's
+worker count and ZeRO stage (accelerate: FSDP2 for stages 2 and 3). Tokens/s of the Ray runs is the median
+of the logged `perf/tokens_per_s` windows after the first (warm-up) window. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -96,6 +96,9 @@ def ray_loop(cfg, overrides: list[str], steps: int, tmp: Path) -> dict:
         "fit_wall_s": wall,
         "workers": c.trainer.num_workers,
         "zero_stage": c.trainer.zero_stage,
+        "engine": c.trainer.engine,
+        "mem_peak_gb": max(m.value for m in mlflow.MlflowClient(uri).get_metric_history(out.mlflow_run_id,
+                                                                                         "perf/mem_peak_gb")),
     }
 
 
@@ -123,30 +126,36 @@ def main() -> None:
     res["plain_pytorch"] = plain_loop(cfg, a.steps, a.warmup)
     init_ray(None, cpus_needed=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker, dashboard=False)
     spec = {"path": a.config, "overrides": a.overrides}
+    stage = cfg.trainer.zero_stage if cfg.trainer.zero_stage != 1 else 2
     with tempfile.TemporaryDirectory() as tmp:
         # Ray gives a worker as many intra-op threads as CPUs it reserves: reserve all of them so the
-        # 1-worker run and the plain loop use the same number of threads.
+        # 1-worker runs and the plain loop use the same number of threads.
         threads = ["trainer.num_workers=1", "trainer.zero_stage=0", f"trainer.cpus_per_worker={os.cpu_count()}"]
-        res["ray_deepspeed_1worker_zero0"] = ray_loop(spec, threads, a.steps, Path(tmp))
-        res["ray_deepspeed_config"] = ray_loop(spec, [], a.steps, Path(tmp))
+        for engine in ("deepspeed", "accelerate"):
+            res[f"ray_{engine}_1worker_zero0"] = ray_loop(spec, [*threads, f"trainer.engine={engine}"], a.steps, Path(tmp))
+            own = [f"trainer.engine={engine}"] + ([f"trainer.zero_stage={stage}"] if engine == "accelerate" else [])
+            res[f"ray_{engine}_config"] = ray_loop(spec, own, a.steps, Path(tmp))
     ray.shutdown()
     plain = res["plain_pytorch"]["tokens_per_s"]
-    res["ratio_1worker_vs_plain"] = res["ray_deepspeed_1worker_zero0"]["tokens_per_s"] / plain
-    res["ratio_config_vs_plain"] = res["ray_deepspeed_config"]["tokens_per_s"] / plain
+    for engine in ("deepspeed", "accelerate"):
+        res[f"ratio_{engine}_1worker_vs_plain"] = res[f"ray_{engine}_1worker_zero0"]["tokens_per_s"] / plain
+        res[f"ratio_{engine}_config_vs_plain"] = res[f"ray_{engine}_config"]["tokens_per_s"] / plain
 
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"throughput: {cfg.model.preset}, micro-batch {cfg.trainer.micro_batch_size}, {a.steps} steps")
-    for col in ("loop", "tokens/s", "vs plain", "data wait", "MFU"):
+    for col in ("loop", "tokens/s", "vs plain", "data wait", "MFU", "peak GiB"):
         t.add_column(col)
-    t.add_row("plain PyTorch (1 process)", f"{plain:,.0f}", "1.00", "-", "-")
-    for key, label in (("ray_deepspeed_1worker_zero0", "Ray Train + DeepSpeed, 1 worker, ZeRO-0"),
-                       ("ray_deepspeed_config", f"Ray Train + DeepSpeed, {res['ray_deepspeed_config']['workers']} "
-                                                f"workers, ZeRO-{res['ray_deepspeed_config']['zero_stage']}")):
-        r = res[key]
-        t.add_row(label, f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / plain:.2f}", f"{r['data_wait_frac']:.1%}",
-                  f"{r['mfu']:.1%}")
+    t.add_row("plain PyTorch (1 process)", f"{plain:,.0f}", "1.00", "-", "-", "-")
+    names = {"deepspeed": ("DeepSpeed", "ZeRO-0", "ZeRO-"), "accelerate": ("accelerate", "DDP", "FSDP2 stage ")}
+    for engine, (label, one, many) in names.items():
+        for key in (f"ray_{engine}_1worker_zero0", f"ray_{engine}_config"):
+            r = res[key]
+            shape = one if r["zero_stage"] == 0 else f"{many}{r['zero_stage']}"
+            t.add_row(f"Ray Train + {label}, {r['workers']} worker(s), {shape}", f"{r['tokens_per_s']:,.0f}",
+                      f"{r['tokens_per_s'] / plain:.2f}", f"{r['data_wait_frac']:.1%}", f"{r['mfu']:.1%}",
+                      f"{r['mem_peak_gb']:.2f}")
     Console().print(t)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))

@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 UNSENT_PREFIX = "unsent-metrics-"  # + <mlflow run id>-<unix ms>.jsonl in the run folder: replayed by the driver
 TRACKING_STATS = "tracking-stats.json"
 
-# Dense bf16 peak per device in TFLOP/s (vendor datasheets).
-GPU_PEAK_TFLOPS = {"H200": 790.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
+# Dense bf16 peak per device in TFLOP/s (vendor datasheets: SXM parts; the sparse figures are twice these).
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
 
 
 class NullSink:

@@ -121,9 +121,8 @@ def test_engine_settings_are_checked(trainer, needle):
 
 @pytest.mark.parametrize("objective", ["mlm"])
 def test_every_token_objective_trains_alike_on_both_engines(process_group, rows, tmp_path, objective):  # noqa: F811
-    """A masked objective (its masks drawn from the loop's seeded generator; the denoisers with sentinel tokens: 
-    tests/integration/test_objectives.py): accelerate
-    FSDP2 logs DeepSpeed ZeRO-0's losses."""
+    """A masked objective (its masks drawn from the loop's seeded generator): accelerate FSDP2 logs DeepSpeed
+    ZeRO-0's losses. The denoisers, which need sentinel tokens: tests/integration/test_objectives.py."""
     tokens, val = rows
     logged = {}
     for engine, stage in (("deepspeed", 0), ("accelerate", 3)):
