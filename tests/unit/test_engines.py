@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cluster.config import validate_config
-from tests.unit.test_loop import make, process_group, rows  # noqa: F401 (fixtures)
+from tests.unit.test_loop import make
 
 STEPS = 20
 
@@ -31,7 +31,7 @@ def assert_close(a: dict[int, float], b: dict[int, float], rtol: float, what: st
 
 
 @pytest.fixture(scope="module")
-def runs(process_group, rows, tmp_path_factory):  # noqa: F811
+def runs(process_group, rows, tmp_path_factory):
     """Every variant's logged metrics, trained once for the module."""
     out = {}
     for name, trainer in {
@@ -71,17 +71,28 @@ def test_the_losses_are_not_all_alike(runs):
     assert max(moves) > 1e-2 and sorted(moves)[len(moves) // 2] > 1e-3, moves
 
 
-def test_compile_trains_like_eager(process_group, rows, tmp_path):  # noqa: F811
-    eager, _, _ = fit(rows, tmp_path / "eager", max_steps=6, every=6, engine="accelerate", zero_stage=3)
-    compiled, t, _ = fit(rows, tmp_path / "compiled", max_steps=6, every=6, engine="accelerate", zero_stage=3,
+@pytest.mark.parametrize(("engine", "stage"), [("accelerate", 3), ("deepspeed", 2)])
+def test_compile_trains_like_eager(process_group, rows, tmp_path, engine, stage):
+    eager, _, _ = fit(rows, tmp_path / "eager", max_steps=6, every=6, engine=engine, zero_stage=stage)
+    compiled, t, _ = fit(rows, tmp_path / "compiled", max_steps=6, every=6, engine=engine, zero_stage=stage,
                          compile=True)
     block = t.engine.module.blocks[0]
     assert block._compiled_call_impl is not None  # nn.Module.compile in place: names (and checkpoints) unchanged
     assert_close(compiled["train/loss"], eager["train/loss"], 1e-3, "compile")
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_accelerate_bf16_trains_near_fp32(runs, process_group, rows, tmp_path, stage):
+    """bf16 through accelerate (autocast under DDP, FSDP2's MixedPrecisionPolicy): the losses follow fp32's to
+    bf16's precision, and are not fp32's (the precision is really applied)."""
+    bf16, _, _ = fit(rows, tmp_path, engine="accelerate", zero_stage=stage, precision="bf16")
+    fp32 = runs["ddp"]["train/loss"]
+    assert_close(bf16["train/loss"], fp32, 2e-2, "bf16 vs fp32")
+    assert max(abs(bf16["train/loss"][s] - fp32[s]) for s in fp32) > 1e-5
+
+
 @pytest.mark.parametrize("zero_stage", [0, 3])
-def test_accelerate_checkpoint_resumes_exactly(process_group, rows, tmp_path, zero_stage):  # noqa: F811
+def test_accelerate_checkpoint_resumes_exactly(process_group, rows, tmp_path, zero_stage):
     """A fit resumed from its step-4 DCP checkpoint logs the uninterrupted fit's losses at steps 5-8 exactly."""
     tokens, val = rows
     full, t, ctx = fit(rows, tmp_path / "full", max_steps=8, every=4, engine="accelerate", zero_stage=zero_stage)
@@ -96,7 +107,7 @@ def test_accelerate_checkpoint_resumes_exactly(process_group, rows, tmp_path, ze
     assert all(torch.equal(final[k], v) for k, v in again.engine.full_state_dict().items())
 
 
-def test_a_checkpoint_of_the_other_engine_is_a_clear_error(process_group, rows, tmp_path):  # noqa: F811
+def test_a_checkpoint_of_the_other_engine_is_a_clear_error(process_group, rows, tmp_path):
     tokens, val = rows
     _, _, ctx = fit(rows, tmp_path / "ds", max_steps=4, every=4, engine="deepspeed")
     other, _, _ = make(tokens, val, tmp_path / "acc", max_steps=8, every=4, start_step=4, start_rows=16,
@@ -120,7 +131,7 @@ def test_engine_settings_are_checked(trainer, needle):
 
 
 @pytest.mark.parametrize("objective", ["mlm"])
-def test_every_token_objective_trains_alike_on_both_engines(process_group, rows, tmp_path, objective):  # noqa: F811
+def test_every_token_objective_trains_alike_on_both_engines(process_group, rows, tmp_path, objective):
     """A masked objective (its masks drawn from the loop's seeded generator): accelerate FSDP2 logs DeepSpeed
     ZeRO-0's losses. The denoisers, which need sentinel tokens: tests/integration/test_objectives.py."""
     tokens, val = rows

@@ -14,57 +14,18 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from cluster.config import validate_config
 from data.stream import Shard, StreamPlan, pieces_row_ids
+from tests.unit.conftest import ROWS, SEQ, VOCAB
 from trainers.callbacks import Callback, NonFiniteLoss
 from trainers.loop import FitPlan, Trainer
-
-VOCAB, SEQ, ROWS = 96, 16, 256
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-process gloo group and the launcher variables DeepSpeed reads (what Ray Train sets up for
-    each worker); both undone afterwards."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory) -> tuple[np.ndarray, Path]:
-    """Random token rows: all of them as the training stream, the first 32 written as a Parquet val split."""
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, VOCAB, size=(ROWS, SEQ), dtype=np.int32)
-    path = tmp_path_factory.mktemp("val") / "val.parquet"
-    flat = pa.array(tokens[:32].reshape(-1))
-    pq.write_table(pa.table({"tokens": pa.FixedSizeListArray.from_arrays(flat, SEQ),
-                             "row_id": pa.array(np.arange(32, dtype=np.int64))}), path)
-    return tokens, path
 
 
 class MemorySink:
@@ -294,26 +255,29 @@ def test_injected_nan_loss_poisons_the_weights_when_ignored(process_group, rows,
     assert any(torch.isnan(v).any() for v in rec.weights[2].values())
 
 
-@pytest.mark.parametrize(("accum", "zero_stage"), [(1, 0), (2, 0), (2, 2), (2, 3)])
+@pytest.mark.parametrize(("accum", "zero_stage", "engine"), [(1, 0, "deepspeed"), (2, 0, "deepspeed"),
+                                                            (2, 2, "deepspeed"), (2, 3, "deepspeed"),
+                                                            (2, 0, "accelerate"), (2, 3, "accelerate")])
 def test_skip_leaves_the_weights_of_nonfinite_steps_and_trains_on(process_group, rows, tmp_path, monkeypatch,
-                                                                  accum, zero_stage):
+                                                                  accum, zero_stage, engine):
     """on_nonfinite=skip with NaN losses at steps 3, 5 and 6 (in the step's last micro-batch, so with
     accumulation a finite one was backpropagated before): those steps change no weight, bit for bit, the
     others do; the logged loss leaves them out; the count is logged and checkpointed; no row is repeated.
     ZeRO-3 partitions every parameter here (the debug model's are all below DeepSpeed's default persistence
     threshold, which would keep them whole)."""
-    from trainers.engines import deepspeed as engine
+    from trainers.engines import deepspeed as ds_engine
 
-    ds_config = engine.deepspeed_config
-    monkeypatch.setattr(engine, "deepspeed_config", lambda t: {
+    ds_config = ds_engine.deepspeed_config
+    monkeypatch.setattr(ds_engine, "deepspeed_config", lambda t: {
         **ds_config(t), "zero_optimization": {"stage": t.zero_stage, "stage3_param_persistence_threshold": 0}})
     tokens, val = rows
     rec, seen = Record(), SeenRows()
     trainer, ctx, stream = make(tokens, val, tmp_path, max_steps=8, callbacks=[rec, seen], trainer={
-        "on_nonfinite": "skip", "log_every": 2, "grad_accum_steps": accum, "zero_stage": zero_stage})
+        "on_nonfinite": "skip", "log_every": 2, "grad_accum_steps": accum, "zero_stage": zero_stage,
+        "engine": engine})
     nan_losses_at(trainer, {(s, accum - 1) for s in (3, 5, 6)})
     trainer.fit()
-    if zero_stage == 3:  # every parameter is partitioned outside the forward pass
+    if zero_stage == 3 and engine == "deepspeed":  # every parameter is partitioned outside the forward pass
         assert all(p.numel() == 0 for p in trainer.engine.module.parameters())
     for step in range(2, 9):  # (step 1 trains at the warmup's LR 0)
         assert same_weights(rec.weights[step], rec.weights[step - 1]) == (step in (3, 5, 6)), step
@@ -396,18 +360,14 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tupl
 
 
 class GradNorms(Callback):
-    """The norm of the gradient the optimizer steps with, once per optimizer step (a step pre-hook on the
-    client AdamW; without ZeRO its parameters are the model's, so this is the accumulated, clipped gradient)."""
+    """The global gradient norm of every optimizer step (before clipping: the accumulated gradient), as the engine
+    reports it (:meth:`trainers.engines.base.Engine.backward`; every step is a logging step in these fits)."""
 
     def __init__(self):
         self.norms: list[float] = []
 
-    def on_fit_start(self, trainer):
-        def hook(opt, args, kwargs):
-            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
-
-        trainer.engine.optimizer.register_step_pre_hook(hook)
+    def on_step_end(self, trainer, step, out):
+        self.norms.append(float(out.grad_norm))
 
 
 # Float tolerances of the equivalence tests below (fp32 on CPU). A loss of ~4.6 is 4.8e-7 per ulp; the weights
@@ -417,7 +377,8 @@ LOSS_RTOL = 1e-6  # ~10 ulps of the loss
 WEIGHT_ATOL = 1e-6  # ~8 ulps of an O(1) weight
 
 
-def test_grad_accumulation_trains_like_one_larger_micro_batch(process_group, rows, tmp_path):
+@pytest.mark.parametrize(("engine", "stage"), [("deepspeed", 0), ("accelerate", 0), ("accelerate", 3)])
+def test_grad_accumulation_trains_like_one_larger_micro_batch(process_group, rows, tmp_path, engine, stage):
     """grad_accum_steps=2 x micro_batch_size=4 against 1 x 8: both plans size rows_per_step = 8, so every
     optimizer step takes the same 8 planned rows in the same order. Same rows, LRs, per-step train/loss,
     gradient norm, val/loss and final weights, to float tolerance: the accumulated gradient is the mean of two
@@ -431,7 +392,8 @@ def test_grad_accumulation_trains_like_one_larger_micro_batch(process_group, row
     for gas, mb in ((2, 4), (1, 8)):
         seen, norms = SeenRows(), GradNorms()
         trainer, ctx, stream = make(tokens, val, tmp_path / f"gas{gas}", max_steps=6, micro_batch_size=mb,
-                                    grad_accum_steps=gas, callbacks=[seen, norms], every=6, grad_clip=5.0)
+                                    grad_accum_steps=gas, callbacks=[seen, norms], every=6, grad_clip=5.0,
+                                    zero_stage=stage, trainer={"engine": engine})
         assert trainer.cfg.trainer.rows_per_step == 8
         trainer.fit()
         fits[gas] = trainer.sink.logged, final_weights(ctx), np.concatenate(seen.rows), norms.norms, stream

@@ -89,7 +89,8 @@ class AccelerateEngine(Engine):
         if loss is None:
             self.skipped = True
         else:
-            self.acc.backward(loss / self.t.grad_accum_steps)
+            accum = self.t.grad_accum_steps
+            self.acc.backward(loss / accum if accum > 1 else loss)
         if not boundary:
             return None
         params = [p for p in self.module.parameters() if p.requires_grad]

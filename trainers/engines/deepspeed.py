@@ -116,28 +116,24 @@ class DeepSpeedEngine(Engine):
 
     def _load_resharded(self, directory: Path, saved_world: int) -> int:
         """ZeRO 1-3 state written by ``saved_world`` ranks onto this world: DeepSpeed's universal checkpoint
-        (``deepspeed.checkpoint.ds_to_universal``: every parameter's fp32 weight and Adam moments, whole) is written
-        once by rank 0 into a temporary folder next to the checkpoint, and every rank loads its new shard of it."""
+        (``deepspeed.checkpoint.ds_to_universal``: every parameter's fp32 weight and Adam moments, whole), which
+        every rank converts from its local copy of the checkpoint into its own temporary folder (no folder has to be
+        shared between nodes; the conversion's CPU time is paid once per rank, on a resume only) and loads its new
+        shard of."""
         import tempfile
-
-        import torch.distributed as dist
 
         from trainers.engines.ds_universal import to_universal
 
         with tempfile.TemporaryDirectory(prefix="rpt-universal-") as tmp:
-            shared = [tmp if self.rank == 0 else None]
-            dist.broadcast_object_list(shared, src=0)  # one node's folder: resharding across nodes is unsupported
-            if self.rank == 0:
-                to_universal(directory, Path(tmp), saved_world=saved_world)
-            dist.barrier()
+            to_universal(directory, Path(tmp), saved_world=saved_world)
             self.ds._config.load_universal_checkpoint = True
             try:
-                _, client = self.ds.load_checkpoint(shared[0], tag=DS_TAG, load_module_strict=True)
+                _, client = self.ds.load_checkpoint(tmp, tag=DS_TAG, load_module_strict=True)
             finally:
                 self.ds._config.load_universal_checkpoint = False
-            dist.barrier()
-        log.info("resharded DeepSpeed ZeRO-%d state from %d to %d ranks", self.t.zero_stage, saved_world,
-                 self.ds.world_size)
+        if self.rank == 0:
+            log.info("resharded DeepSpeed ZeRO-%d state from %d to %d ranks", self.t.zero_stage, saved_world,
+                     self.ds.world_size)
         return int(client["step"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
