@@ -238,6 +238,7 @@ class Checkpointer(Callback):
         st.data_position = pos
         st.skipped_steps = trainer.skipped_steps
         st.mlflow_run_id = trainer.plan.mlflow_run_id
+        st.declared_grad_accum_steps = trainer.plan.declared_grad_accum_steps
         st.config = trainer.cfg.model_dump(mode="json")
         metrics = {"step": step, f"{trainer.work.unit}_seen": st.tokens_seen, "data_epoch": pos.epoch}
         if trainer.last_train_loss is not None:

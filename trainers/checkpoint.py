@@ -58,6 +58,7 @@ class TrainState:
     mlflow_run_id: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     skipped_steps: int = 0  # steps skipped for a non-finite loss (trainer.on_nonfinite=skip) up to ``step``
+    declared_grad_accum_steps: int | None = None  # the configured value when the run trains with a rescaled one
 
     def save(self, directory: str | Path) -> None:
         d = asdict(self)
@@ -138,7 +139,8 @@ def load_checkpoint(engine: Engine, directory: str | Path, *, world: int) -> Tra
     state = TrainState.load(directory)
     check_state_dir(directory, engine)
     saved_world = state.data_position.world_size if state.data_position is not None else world
-    step = engine.load(directory, saved_world=saved_world)
+    saved_stage = int(state.config.get("trainer", {}).get("zero_stage", engine.t.zero_stage))
+    step = engine.load(directory, saved_world=saved_world, saved_stage=saved_stage)
     if step != state.step:
         raise RuntimeError(f"checkpoint {directory}: the {engine.name} state and {TRAIN_STATE} disagree on the step")
     return state

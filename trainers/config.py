@@ -179,10 +179,11 @@ class TrainerSpec(_Strict):
                 "trainer.zero_stage=1 has no counterpart with trainer.engine=accelerate; allowed: 0 (DDP), 2 (FSDP2, "
                 "gradients and optimizer state sharded), 3 (FSDP2 full shard), or use trainer.engine=deepspeed"
             )
-        if self.engine == "accelerate" and self.zero_stage >= 2 and self.precision == "fp16":
+        if self.engine == "accelerate" and self.precision == "fp16":
             raise ValueError(
-                f"trainer.precision=fp16 with trainer.engine=accelerate and zero_stage={self.zero_stage} (FSDP2) is not "
-                "supported (it needs a sharded gradient scaler); use precision bf16 or fp32, or zero_stage 0 (DDP)"
+                "trainer.precision=fp16 with trainer.engine=accelerate is not supported (its loss scaler would need "
+                "sharding under FSDP2 and a place in the DCP checkpoint); allowed: precision bf16 or fp32, or "
+                "trainer.engine=deepspeed for fp16"
             )
         return self
 

@@ -55,6 +55,7 @@ class FitPlan:
     eval_shards: dict[str, list[str]] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)  # the workload's facts (DataFacts.fields)
     checkpoints: CheckpointDir | None = None  # the run's checkpoint folder (restart / --resume restore)
+    declared_grad_accum_steps: int | None = None  # the config's, when the driver rescaled it (kept global batch)
 
 
 def seed_everything(seed: int) -> None:

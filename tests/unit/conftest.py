@@ -15,11 +15,11 @@ import pytest
 VOCAB, SEQ, ROWS = 96, 16, 256
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def process_group():
     """A one-process gloo group and the launcher variables DeepSpeed reads (what Ray Train sets up for
-    each worker); both undone afterwards. One per session: DeepSpeed's communication backend keeps the first
-    group it saw, so every test module that builds an engine in this process shares it."""
+    each worker); all undone after the module, DeepSpeed's communication backend included (it keeps the group it
+    first saw), so the next module's group is a fresh one and tests that fork ranks inherit none."""
     import torch.distributed as dist
 
     with socket.socket() as s:
@@ -32,6 +32,15 @@ def process_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    import sys
+
+    ds_comm, ds_groups = sys.modules.get("deepspeed.comm.comm"), sys.modules.get("deepspeed.utils.groups")
+    if ds_comm is not None:
+        ds_comm.cdb = None
+    if ds_groups is not None:  # process groups DeepSpeed cached from this group
+        for name, value in vars(ds_groups).items():
+            if name.startswith("_") and name.endswith("_GROUP"):
+                setattr(ds_groups, name, {} if isinstance(value, dict) else None)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

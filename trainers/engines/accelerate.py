@@ -75,8 +75,10 @@ class AccelerateEngine(Engine):
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
 
     def micro_batch(self, boundary: bool) -> contextlib.AbstractContextManager[None]:
+        """DDP: no gradient all-reduce before the boundary (``no_sync``). FSDP2 reduce-scatters every micro-batch's
+        gradients into the sharded ``.grad`` (torchtitan's default): skipping that sync would keep whole unsharded
+        gradients on every rank between micro-batches, giving up stage 2/3's gradient sharding."""
         if self.sharded:
-            self.model.set_requires_gradient_sync(boundary)
             return contextlib.nullcontext()
         if boundary or self.world == 1 or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext()
@@ -85,7 +87,8 @@ class AccelerateEngine(Engine):
     def backward(self, loss: torch.Tensor | None, *, boundary: bool, want_norm: bool) -> torch.Tensor | None:
         """The loss is scaled by 1 / ``grad_accum_steps`` (the mean over the step's micro-batches, as DeepSpeed
         does). A left-out micro-batch (``None``) is not backpropagated and its step does not step the optimizer:
-        the gradients are dropped, AdamW's state does not change."""
+        the gradients are dropped and AdamW's state does not change (DeepSpeed instead steps at LR 0, which
+        advances Adam's step count and decays its moments; neither changes a weight)."""
         if loss is None:
             self.skipped = True
         else:
@@ -113,15 +116,16 @@ class AccelerateEngine(Engine):
         return {"model": model_sd, "optim": optim_sd}
 
     def save(self, directory: Path, step: int) -> None:
-        """DCP writes this rank's shards (replicated tensors once, by rank 0) and rank 0 the metadata, each into
-        its own folder; Ray merges the ranks' folders into the checkpoint."""
+        """DCP writes this rank's shards (a replicated tensor once, by one of the ranks) and rank 0 the metadata,
+        each into its own folder; Ray merges the ranks' folders into the checkpoint."""
         import torch.distributed.checkpoint as dcp
 
         state = self._state()
         state["step"] = torch.tensor(step)
         dcp.save(state, checkpoint_id=str(Path(directory, DCP_DIR)))
 
-    def load(self, directory: Path, *, saved_world: int) -> int:
+    def load(self, directory: Path, *, saved_world: int, saved_stage: int) -> int:
+        """DCP reshards onto any world size and between DDP and FSDP2 (the state dicts name whole tensors)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 

@@ -58,9 +58,9 @@ class Engine(ABC):
         """This rank's part of the full state (weights, optimizer) into ``directory / state_dir``."""
 
     @abstractmethod
-    def load(self, directory: Path, *, saved_world: int) -> int:
-        """Restore the full state from a checkpoint folder written by ``saved_world`` ranks; returns the step the
-        state was saved at."""
+    def load(self, directory: Path, *, saved_world: int, saved_stage: int) -> int:
+        """Restore the full state from a checkpoint folder written by ``saved_world`` ranks with ``zero_stage``
+        ``saved_stage``; returns the step the state was saved at."""
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -84,10 +84,15 @@ def check_state_dir(directory: Path, engine: Engine) -> None:
     """A clear error when a checkpoint was written by the other engine."""
     if (directory / engine.state_dir).is_dir():
         return
-    others = sorted(p.name for p in directory.iterdir() if p.is_dir())
+    others = sorted(p.name for p in directory.iterdir() if p.is_dir() and p.name in ("ds", "dcp"))
+    if not others:
+        raise ValueError(
+            f"checkpoint {directory} holds no engine state (no ds/ or dcp/ folder): it is incomplete or damaged; "
+            "resume from an earlier checkpoint, or start a new run from its weights with trainer.init_from"
+        )
     raise ValueError(
         f"checkpoint {directory} holds no {engine.state_dir}/ (the state trainer.engine={engine.name} writes; it "
-        f"has {others or 'no engine folder'}): it was written by the other engine. Resume it with the engine that "
+        f"has {others}): it was written by the other engine. Resume it with the engine that "
         "wrote it (trainer.engine), or start a new run from its weights with trainer.init_from"
     )
 

@@ -105,9 +105,15 @@ class DeepSpeedEngine(Engine):
     def save(self, directory: Path, step: int) -> None:
         self.ds.save_checkpoint(str(directory), tag=DS_TAG, client_state={"step": step})
 
-    def load(self, directory: Path, *, saved_world: int) -> int:
-        world = self.ds.world_size
-        if saved_world != world and self.t.zero_stage > 0:
+    def load(self, directory: Path, *, saved_world: int, saved_stage: int) -> int:
+        if saved_stage != self.t.zero_stage:
+            raise ValueError(
+                f"checkpoint {directory} was written with trainer.zero_stage={saved_stage} and this run has "
+                f"zero_stage={self.t.zero_stage}: DeepSpeed's optimizer state differs between stages; resume with "
+                f"trainer.zero_stage={saved_stage}, or use trainer.engine=accelerate (its checkpoints move between "
+                "stages)"
+            )
+        if saved_world != self.ds.world_size and self.t.zero_stage > 0:
             return self._load_resharded(directory, saved_world)
         _, client = self.ds.load_checkpoint(str(directory), tag=DS_TAG)
         if client is None:
@@ -116,21 +122,36 @@ class DeepSpeedEngine(Engine):
 
     def _load_resharded(self, directory: Path, saved_world: int) -> int:
         """ZeRO 1-3 state written by ``saved_world`` ranks onto this world: DeepSpeed's universal checkpoint
-        (``deepspeed.checkpoint.ds_to_universal``: every parameter's fp32 weight and Adam moments, whole), which
-        every rank converts from its local copy of the checkpoint into its own temporary folder (no folder has to be
-        shared between nodes; the conversion's CPU time is paid once per rank, on a resume only) and loads its new
-        shard of."""
+        (``deepspeed.checkpoint.ds_to_universal``: every parameter's fp32 weight and Adam moments, whole). The
+        first rank of each node converts the node's local copy of the checkpoint into a node-local temporary folder
+        (no folder is shared between nodes; host memory and disk are paid once per node), every rank loads its new
+        shard from it, and the folder is removed."""
+        import hashlib
+        import os
+        import shutil
         import tempfile
+
+        import torch.distributed as dist
 
         from trainers.engines.ds_universal import to_universal
 
-        with tempfile.TemporaryDirectory(prefix="rpt-universal-") as tmp:
-            to_universal(directory, Path(tmp), saved_world=saved_world)
+        key = hashlib.blake2b(f"{directory}:{saved_world}".encode(), digest_size=8).hexdigest()
+        tmp = Path(tempfile.gettempdir(), f"rpt-universal-{key}")  # the same on every rank of a node
+        first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        try:
+            if first_on_node:
+                shutil.rmtree(tmp, ignore_errors=True)
+                to_universal(directory, tmp, saved_world=saved_world)
+            dist.barrier()
             self.ds._config.load_universal_checkpoint = True
             try:
-                _, client = self.ds.load_checkpoint(tmp, tag=DS_TAG, load_module_strict=True)
+                _, client = self.ds.load_checkpoint(str(tmp), tag=DS_TAG, load_module_strict=True)
             finally:
                 self.ds._config.load_universal_checkpoint = False
+            dist.barrier()
+        finally:
+            if first_on_node:
+                shutil.rmtree(tmp, ignore_errors=True)
         if self.rank == 0:
             log.info("resharded DeepSpeed ZeRO-%d state from %d to %d ranks", self.t.zero_stage, saved_world,
                      self.ds.world_size)
