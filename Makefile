@@ -14,7 +14,7 @@ export RAY_DEDUP_LOGS ?= 1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch is bounded in pyproject.toml so pip takes the CPU wheel on disk here, CUDA on GPU hosts.
-	$(BIN)/pip install -q -e '.[dev,hf,tune]'
+	$(BIN)/pip install -q -e '.[dev,hf,tune,curation]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -74,7 +74,9 @@ def data_prepare(
                 "or data.prepare.kind: images"
             )
         from cluster.ray_env import init_ray
+        from cluster.train import resolve_prepare_models
 
+        pcfg = resolve_prepare_models(cfg, pcfg)
         init_ray(None, dashboard=False)
         cfg.data.workload().prepare(pcfg, progress=True)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

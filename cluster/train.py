@@ -134,6 +134,7 @@ class FitStart:
     skipped: tuple[str, ...] = ()  # newer checkpoints of the run found incomplete or damaged (--resume)
     heads: dict[str, Any] = field(default_factory=dict)  # data.stream.Head per stream (an epoch resharded)
     grad_accum_steps: int | None = None  # set when the global batch is kept on another number of workers
+    declared_grad_accum_steps: int | None = None  # the config's value, when the run trains with a rescaled one
 
 
 def replay_rows_per_micro(cfg: RunConfig) -> int:
@@ -191,6 +192,25 @@ def start_models_cache(storage: Storage) -> Path:
     import tempfile
 
     return Path(storage.root, ".start-models") if not storage.remote else Path(tempfile.gettempdir(), "rpt-start-models")
+
+
+def resolve_prepare_models(cfg: RunConfig, pcfg, uri: str | None = None):
+    """``data.prepare.select.embeddings`` (INGENIOUS's embedding model) as a local export folder: a registered
+    model is pulled, a Hugging Face folder imported, like a run's start model."""
+    from data.prepare import PrepareConfig
+
+    sel = pcfg.select if isinstance(pcfg, PrepareConfig) else None
+    if sel is None or sel.embeddings is None:
+        return pcfg
+    from cluster.model_io import resolve_start
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, uri)
+    try:
+        storage = resolve_storage(cfg.storage_path)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
+    local = resolve_start(sel.embeddings, start_models_cache(storage), tracking_uri=uri)
+    return pcfg.model_copy(update={"select": sel.model_copy(update={"embeddings": local})})
 
 
 def resolve_init(cfg: RunConfig, storage: Storage, uri: str) -> RunConfig:
@@ -268,16 +288,21 @@ def _continue_data(cfg: RunConfig, st, start: FitStart, what: str) -> None:
 
 
 def _keep_global_batch(cfg: RunConfig, st, start: FitStart, what: str) -> None:
-    """On another number of workers with the checkpoint's micro_batch_size and grad_accum_steps, the rows per
-    optimizer step (the global batch, which the LR schedule was tuned for) stay the same: grad_accum_steps is
-    rescaled, or the change is refused when it cannot be."""
+    """On another number of workers with the micro_batch_size and grad_accum_steps the run was configured with,
+    the rows per optimizer step (the global batch, which the LR schedule was tuned for) stay the same:
+    grad_accum_steps is rescaled, or the change is refused when it cannot be. The configured value is kept in the
+    checkpoints (``declared_grad_accum_steps``), so a later resume with the same config keeps the rescaled one."""
     t = cfg.trainer
     old_world = st.data_position.world_size if st.data_position else t.num_workers
     old = st.config.get("trainer", {})
     mb, accum = old.get("micro_batch_size", t.micro_batch_size), old.get("grad_accum_steps", t.grad_accum_steps)
-    if old_world == t.num_workers or (mb, accum) != (t.micro_batch_size, t.grad_accum_steps):
-        return  # the same world, or a batch the config chose explicitly
+    declared = st.declared_grad_accum_steps or accum
+    start.declared_grad_accum_steps = st.declared_grad_accum_steps
+    if (t.micro_batch_size, t.grad_accum_steps) != (mb, declared):
+        return  # a batch the config chose explicitly
     rows = old_world * mb * accum
+    if rows == t.num_workers * mb * t.grad_accum_steps:
+        return
     if rows % (t.num_workers * mb):
         raise ConfigError(
             f"{what}: the checkpoint's global batch is {rows} rows per step ({old_world} workers x micro_batch_size "
@@ -286,8 +311,9 @@ def _keep_global_batch(cfg: RunConfig, st, start: FitStart, what: str) -> None:
             f"{rows}, or set trainer.grad_accum_steps for another global batch explicitly"
         )
     start.grad_accum_steps = rows // (t.num_workers * mb)
-    log.warning("%s: %d workers instead of %d; trainer.grad_accum_steps %d -> %d keeps the global batch of %d rows "
-                "per step", what, t.num_workers, old_world, accum, start.grad_accum_steps, rows)
+    start.declared_grad_accum_steps = declared
+    log.warning("%s: %d workers (checkpoint: %d); trainer.grad_accum_steps %d -> %d keeps the global batch of %d "
+                "rows per step", what, t.num_workers, old_world, t.grad_accum_steps, start.grad_accum_steps, rows)
 
 
 def open_tracking(cfg: RunConfig, uri: str, start: FitStart, facts: DataFacts, *, parent_run_id: str | None,
@@ -308,11 +334,31 @@ def open_tracking(cfg: RunConfig, uri: str, start: FitStart, facts: DataFacts, *
     client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
     client.log_text(run_id, dump_config(cfg), "config.yaml")
     client.log_text(run_id, facts.manifest.model_dump_json(indent=2), "data/manifest.json")
+    _log_curation(client, run_id, facts.manifest)
     if cfg.trainer.resume_from:
         src = cfg.trainer.resume_from
         client.set_tag(run_id, "rpt.resume_from", src if "://" in src else str(Path(src).resolve()))
     _log_lr_plot(client, run_id, cfg)
     return run_id
+
+
+def _log_curation(client, run_id: str, manifest) -> None:
+    """The data's curation stages (``rpt data prepare``: dedup, filters, INGENIOUS selection) as an MLflow table
+    (``data/curation.json``: stage, documents_in, documents_out) and ``data.curation.<stage>`` params."""
+    import mlflow
+
+    from data.manifest import Manifest
+
+    stages = manifest.curation if isinstance(manifest, Manifest) else None
+    if not stages:
+        return
+    client.log_table(run_id, data={"stage": [s.stage for s in stages],
+                                   "documents_in": [s.documents_in for s in stages],
+                                   "documents_out": [s.documents_out for s in stages]},
+                     artifact_file="data/curation.json")
+    client.log_batch(run_id, params=[mlflow.entities.Param(f"data.curation.{s.stage}",
+                                                           f"{s.documents_in} -> {s.documents_out}")
+                                     for s in stages])
 
 
 def plan_fit(cfg: RunConfig, facts: DataFacts, start: FitStart, uri: str, run_id: str):
@@ -342,6 +388,7 @@ def plan_fit(cfg: RunConfig, facts: DataFacts, start: FitStart, uri: str, run_id
     eval_shards = {key: [s.path for s in load_shards(path, "val")] for key, path in val_sets.items()}
     eval_shards.update(spec.eval_shards(cfg, [s.path for s in shards]))
     fit = {"kind": facts.kind, "streams": {k: v.to_dict() for k, v in streams.items()}, "start_step": start.step,
+           "declared_grad_accum_steps": start.declared_grad_accum_steps,
            "replay_per_micro": replay_micro, "tracking_uri": uri, "mlflow_run_id": run_id,
            "eval_shards": eval_shards, "data": facts.fields}
     return fit, datasets, streams

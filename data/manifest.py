@@ -244,6 +244,14 @@ class _ManifestFiles:
                 first += n
 
 
+class CurationStage(_Strict):
+    """One curation stage of `rpt data prepare` (data.curation), in the order run."""
+
+    stage: str
+    documents_in: int = Field(ge=0)
+    documents_out: int = Field(ge=0)
+
+
 class Manifest(_ManifestFiles, _Strict):
     """The manifest of a prepared dataset folder; `Manifest.load(dir)` reads and validates it."""
 
@@ -259,6 +267,9 @@ class Manifest(_ManifestFiles, _Strict):
     dropped_tokens: int = Field(ge=0, description="tokens of the final tail of each split that fill no row")
     decode_errors: DecodeErrors | None = Field(
         None, description="text files that were not valid UTF-8; None: a corpus not read as files, or an older manifest"
+    )
+    curation: list[CurationStage] | None = Field(
+        None, description="curation stages in order (removed ids: curation_removed.parquet); None: none configured"
     )
 
     @model_validator(mode="after")

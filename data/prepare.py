@@ -70,6 +70,7 @@ from data.corpus import (
     resolve_corpus,
     undecodable_rows,
 )
+from data.curation import DedupSpec, FilterSpec, SelectSpec
 from data.manifest import (
     DecodeErrors,
     DocumentCounts,
@@ -148,6 +149,9 @@ class PrepareConfig(BaseModel):
         256, ge=1, description="documents per tokenize/pack batch; with the seed it fixes the packed rows"
     )
     num_actors: int = Field(2, ge=1, description="tokenizer actors (map_batches concurrency)")
+    dedup: DedupSpec | None = Field(None, description="curation: exact and/or MinHash near-duplicate removal")
+    filters: FilterSpec | None = Field(None, description="curation: Gopher quality rules (each threshold; null: off)")
+    select: SelectSpec | None = Field(None, description="curation: INGENIOUS representative subset selection")
     on_decode_error: DecodePolicy = Field(
         "replace",
         description="text files that are not valid UTF-8: replace (U+FFFD, warn), skip (leave out, warn), "
@@ -204,6 +208,12 @@ class PrepareConfig(BaseModel):
                 "BOS of its own): add e.g. '<|bos|>' to data.prepare.special_tokens and set bos_token to it"
             )
         return self
+
+    def curation(self):
+        """The curation stages' settings (:class:`data.curation.CurationSpec`)."""
+        from data.curation import CurationSpec
+
+        return CurationSpec(dedup=self.dedup, filters=self.filters, select=self.select)
 
     def role_settings(self) -> dict[str, Any]:
         """The explicit role fields, as keyword arguments of `data.tokenizer.resolve_roles`."""
@@ -373,6 +383,8 @@ def _print_summary(summary: dict[str, Any], warning: str | None = None) -> None:
         table.add_row(key, _fmt(summary[key]))
     if summary["undecodable_files"]:
         table.add_row("undecodable_files", _fmt(summary["undecodable_files"]))
+    for st in summary.get("curation", []):
+        table.add_row(f"curation {st['stage']}", f"{st['documents_in']:,} -> {st['documents_out']:,} documents")
     console = Console()
     console.print(table)
     if warning:
@@ -419,6 +431,28 @@ def _read_documents(
     if source.kind != "text_files":
         return docs, None, None
     return apply_decode_policy(docs, _gather_undecodable(docs), config)
+
+
+def _curate(docs: ray.data.Dataset, config: PrepareConfig, tmp: Path) -> tuple[ray.data.Dataset, list | None]:
+    """The curation stages (:mod:`data.curation`) on the documents, when any is configured: the documents kept,
+    the manifest's stage records, and `curation_removed.parquet` (doc_id, stage, reason) written into ``tmp``."""
+    from data.curation.pipeline import REMOVED_FILE, curate, with_ids
+    from data.manifest import CurationStage
+
+    spec = config.curation()
+    if not spec.active:
+        return docs, None
+    embed = spec.select.embeddings if spec.select is not None else None
+    if embed is not None and "://" in embed:
+        raise ValueError(
+            f"data.prepare.select.embeddings={embed!r} is a registry URI: `rpt data prepare` resolves it to a local "
+            "folder; here give an export folder (model.safetensors + model_config.json + tokenizer.json)"
+        )
+    cur = curate(with_ids(docs), spec, seed=config.seed, embed_folder=embed)
+    pq.write_table(cur.removed_table(), tmp / REMOVED_FILE)
+    for st in cur.stages:
+        logger.info("curation %s: %d -> %d documents", st["stage"], st["documents_in"], st["documents_out"])
+    return cur.docs, [CurationStage(**st) for st in cur.stages]
 
 
 @dataclass(frozen=True)
@@ -633,6 +667,7 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     try:
         with _data_context(progress):
             docs, decode, decode_warn = _read_documents(source, config)
+            docs, curated = _curate(docs, config, tmp)
             stats = _split_documents(docs, config)
             choice = _build_tokenizer(docs, stats, config, given, progress=progress)
             tok_path = choice.write(tmp)
@@ -665,6 +700,7 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             documents=DocumentCounts(train=stats.train_documents, val=stats.val_documents),
             dropped_tokens=dropped,
             decode_errors=decode,
+            curation=curated,
         )
         manifest.save(tmp)
         manifest.verify(tmp)
@@ -694,6 +730,7 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         "seconds": seconds,
         "tokens_per_s": tokens_total / seconds if seconds > 0 else 0.0,
         "undecodable_files": decode.files if decode is not None else 0,
+        "curation": [c.model_dump() for c in curated] if curated else [],
     }
     if progress:
         _print_summary(summary, decode_warn)
