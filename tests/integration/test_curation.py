@@ -106,3 +106,23 @@ def test_ingenious_with_a_model_s_embeddings(curated, planted, tmp_path):
         picks[name] = sorted(pq.read_table(out / REMOVED_FILE).column("doc_id").to_pylist())
         assert len(picks[name]) == 145 - 58
     assert picks["model"] != picks["hashed"]  # the features matter
+
+
+def test_a_run_logs_the_curation_table(curated, tmp_path):
+    """What a training run on curated data logs to MLflow: the stage table as data/curation.json and one
+    data.curation.<stage> param per stage (cluster.train._log_curation, called when the run is opened)."""
+    from mlflow import MlflowClient
+
+    from cluster.train import _log_curation
+
+    a, _ = curated
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = client.create_experiment("curation", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(exp).info.run_id
+    _log_curation(client, run_id, Manifest.load(a))
+    params = client.get_run(run_id).data.params
+    assert params["data.curation.dedup.exact"] == "145 -> 135" and params["data.curation.select.ingenious"] == "120 -> 60"
+    table = json.loads(open(client.download_artifacts(run_id, "data/curation.json", str(tmp_path))).read())
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+    assert [r["stage"] for r in rows] == ["dedup.exact", "dedup.near", "filters", "select.ingenious"]
+    assert rows[1]["documents_out"] == 125
