@@ -142,12 +142,6 @@ def stitch_tails(rows: np.ndarray, n_valid: np.ndarray) -> tuple[np.ndarray, int
     return np.concatenate([rows[full], extra]), int(tail.size)
 
 
-def shuffle_rows(rows: np.ndarray, seed: int, stream: int = 0) -> np.ndarray:
-    """Rows in a seeded random order (`stream` separates train from val under one seed)."""
-    perm = np.random.default_rng([int(seed), int(stream)]).permutation(len(rows))
-    return rows[perm]
-
-
 def shard_bounds(n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
     """`[start, stop)` row ranges of consecutive shards of `shard_rows` rows (the last may be smaller)."""
     assert shard_rows >= 1, shard_rows

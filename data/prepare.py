@@ -16,16 +16,18 @@ Pipeline (Ray Data unless noted):
    (and BOS before it when `add_bos_token`), concatenate and cut into rows of `seq_len + 1` tokens
    (numpy reshape), train and val separately;
    each batch's leftover tail comes back as one padded row marked by its valid length;
-4. driver: stitch the per-batch tails into further rows (only the last tail of each split, fewer than
-   `row_len` tokens, is dropped and reported), shuffle rows with a seeded permutation, write shards.
+4. Ray tasks (`data/shards.py`): the rows stay in the object store; the driver stitches the per-batch tails
+   into further rows (only the last tail of each split, fewer than `row_len` tokens, is dropped and
+   reported); each window of `shard_rows` consecutive rows is shuffled (seeded) and written as one shard by a
+   task, the shards in a seeded permutation of the windows.
 
-Scale: step 4 holds the packed rows of the corpus in driver memory (4 bytes per token, twice during the
-shuffle), e.g. ~8 GB for 1 B tokens. Larger corpora should be prepared in parts (one output folder per
-part, combined as a mixture by the reader), which also keeps each preparation restartable.
+Scale: the driver holds no rows, only the tails (< one row per tokenize batch) and per-document split
+statistics (16 bytes a document); the rows live in Ray's object store, which spills to disk. Tokenizer
+training reads at most `tokenizer_train_chars` characters of training documents.
 
 Determinism: the same corpus, seed and settings (seq_len, vocab_size, val_fraction, docs_per_batch, ...)
 give a byte-identical tokenizer and identical shards whatever `num_actors` is: Ray Data runs with
-`preserve_order`, the split hashes document contents, and the shuffle is a seeded permutation.
+`preserve_order`, the split hashes document contents, and the shuffle is seeded per window and shard.
 
 Next to `tokenizer.json` goes `tokenizer_config.json` (`TokenizerRoles.to_tokenizer_config()`: the
 bos/eos/pad tokens and add_bos_token), for every tokenizer, so exports can be loaded by `transformers`.
@@ -75,11 +77,11 @@ from data.manifest import (
     DecodeErrors,
     DocumentCounts,
     Manifest,
-    ShardInfo,
     SourceInfo,
     SplitInfo,
     TokenizerInfo,
 )
+from data.shards import Packed, write_split
 from data.tokenizer import (
     BASE_SPECIAL_TOKENS,
     EOS_TOKEN,
@@ -332,35 +334,19 @@ def _gather_numpy(ds: ray.data.Dataset, columns: list[str], *, select: bool = Tr
     return {c: np.concatenate(v) if v else np.empty(0) for c, v in parts.items()}
 
 
+def _sampled(batch: pa.Table, *, threshold: float, sample_fraction: float) -> pa.Table:
+    keep = (batch.column("u_split").to_numpy() >= threshold) & (batch.column("u_sample").to_numpy() < sample_fraction)
+    return batch.select(["text"]).filter(pa.array(keep))
+
+
 def _tokenizer_texts(docs: ray.data.Dataset, threshold: float, sample_fraction: float) -> Iterator[list[str]]:
-    """Training documents with `u_sample < sample_fraction`, streamed to the driver in batches."""
-    for batch in docs.iter_batches(batch_size=512, batch_format="pyarrow"):
-        keep = (batch.column("u_split").to_numpy() >= threshold) & (
-            batch.column("u_sample").to_numpy() < sample_fraction
-        )
-        if keep.any():
-            texts = batch.column("text").to_pylist()
-            yield [texts[i] for i in np.flatnonzero(keep)]
-
-
-def _tokens_table(rows: np.ndarray, row_id_start: int) -> pa.Table:
-    n, row_len = rows.shape
-    tokens = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(rows).reshape(-1)), row_len)
-    row_ids = pa.array(np.arange(row_id_start, row_id_start + n, dtype=np.int64))
-    return pa.table({"tokens": tokens, "row_id": row_ids})
-
-
-def _write_split(rows: np.ndarray, *, out_dir: Path, split: str, shard_rows: int) -> SplitInfo:
-    (out_dir / split).mkdir(parents=True, exist_ok=True)
-    shards = []
-    row_len = rows.shape[1]
-    for i, (start, stop) in enumerate(pack.shard_bounds(len(rows), shard_rows)):
-        rel = f"{split}/part-{i:05d}.parquet"
-        pq.write_table(_tokens_table(rows[start:stop], start), out_dir / rel)
-        shards.append(
-            ShardInfo(path=rel, rows=stop - start, tokens=(stop - start) * row_len, row_id_start=start)
-        )
-    return SplitInfo(rows=len(rows), tokens=len(rows) * row_len, shards=shards)
+    """Training documents with `u_sample < sample_fraction`, chosen in Ray Data tasks and streamed to the driver
+    in batches (about `tokenizer_train_chars` characters in all)."""
+    sample = docs.map_batches(_sampled, fn_kwargs={"threshold": threshold, "sample_fraction": sample_fraction},
+                              batch_format="pyarrow", batch_size=None)
+    for batch in sample.iter_batches(batch_size=512, batch_format="pyarrow"):
+        if batch.num_rows:
+            yield batch.column("text").to_pylist()
 
 
 def _fmt(value: Any) -> str:
@@ -593,8 +579,8 @@ def _build_tokenizer(
 
 def _tokenize_and_pack(
     docs: ray.data.Dataset, tok_path: Path, roles: TokenizerRoles, threshold: float, config: PrepareConfig
-) -> dict[str, np.ndarray]:
-    """Run `TokenizeAndPack` on an actor pool; returns the gathered `tokens`, `n_valid`, `split`."""
+) -> Packed:
+    """Run `TokenizeAndPack` on an actor pool; the rows stay in the object store, the tails come to the driver."""
     num_actors = config.num_actors
     cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
     if 0 < cluster_cpus < num_actors:  # each actor takes one CPU; more would wait forever
@@ -616,29 +602,46 @@ def _tokenize_and_pack(
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
     )
-    return _gather_numpy(packed, ["tokens", "n_valid", "split"], select=False)
+    return Packed.gather_tails(packed, config.seq_len + 1)
 
 
-def _write_splits(
-    out: dict[str, np.ndarray], config: PrepareConfig, tmp: Path
-) -> tuple[dict[str, SplitInfo], int]:
-    """Stitch tails, shuffle and write each split's shards; returns the split infos and dropped tokens."""
-    row_len = config.seq_len + 1
-    splits, dropped = {}, 0
-    for name, code in SPLIT_CODES.items():
-        sel = out["split"] == code
-        rows = out["tokens"][sel].reshape(-1, row_len).astype(np.int32, copy=False)
-        rows, split_dropped = pack.stitch_tails(rows, out["n_valid"][sel])
-        dropped += split_dropped
-        rows = pack.shuffle_rows(rows, config.seed, stream=code)
-        splits[name] = _write_split(rows, out_dir=tmp, split=name, shard_rows=config.shard_rows)
+def _write_splits(packed: Packed, config: PrepareConfig, tmp: Path, progress: bool
+                  ) -> tuple[dict[str, SplitInfo], int, int]:
+    """Each split's shards, written by Ray tasks (:mod:`data.shards`); returns the split infos, the dropped
+    tokens and all tokens."""
+    splits, dropped, tokens = {}, 0, 0
+    with _write_progress(progress) as report:
+        for name, code in SPLIT_CODES.items():
+            splits[name], d, t = write_split(packed, code=code, name=name, out_dir=tmp,
+                                             shard_rows=config.shard_rows, seed=config.seed, progress=report)
+            dropped, tokens = dropped + d, tokens + t
     if splits["train"].rows == 0:
-        train_tokens = int(out["n_valid"][out["split"] == SPLIT_CODES["train"]].sum())
+        train_tokens = tokens - int(packed.tails["n_valid"][packed.tails["split"] == SPLIT_CODES["val"]].sum())
         raise ValueError(
             f"the training documents hold {train_tokens} tokens, fewer than one row of seq_len + 1 = "
-            f"{row_len}; use a larger corpus or a smaller seq_len"
+            f"{config.seq_len + 1}; use a larger corpus or a smaller seq_len"
         )
-    return splits, dropped
+    return splits, dropped, tokens
+
+
+@contextlib.contextmanager
+def _write_progress(progress: bool) -> Iterator[Any]:
+    """A console line per split while its shards are written: tokens written and tokens/s."""
+    if not progress:
+        yield None
+        return
+    from rich.progress import Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), transient=False) as bar:
+        tasks: dict[str, Any] = {}
+
+        def report(name: str, tokens: int, seconds: float) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name)
+            rate = tokens / seconds if seconds > 0 else 0.0
+            bar.update(tasks[name], description=f"writing {name} shards: {tokens:,} tokens, {rate:,.0f} tokens/s")
+
+        yield report
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -679,9 +682,10 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 f"{roles.bos_token!r} = {roles.bos_id}" if roles.bos_token is not None else "none",
                 " (put before every document)" if roles.add_bos_token else "",
             )  # fmt: skip
-            out = _tokenize_and_pack(docs, tok_path, roles, stats.threshold, config)
+            packed = _tokenize_and_pack(docs, tok_path, roles, stats.threshold, config)
             del docs  # release the materialized documents from the object store
-        splits, dropped = _write_splits(out, config, tmp)
+            splits, dropped, tokens_total = _write_splits(packed, config, tmp, progress)
+            del packed
         if stats.val_documents and splits["val"].rows == 0:
             logger.warning(
                 "the %d validation document(s) fill no row of %d tokens: the val split is empty",
@@ -710,7 +714,6 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         raise
 
     seconds = time.perf_counter() - t0
-    tokens_total = int(out["n_valid"].sum())
     summary: dict[str, Any] = {
         "out_dir": str(out_dir),
         "corpus": config.corpus,

@@ -191,9 +191,9 @@ def test_folder_corpus_end_to_end_and_deterministic(ray_local, corpora, tmp_path
     _check_prepared(out, summary, corpora["texts"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]  # no temp folder left behind
 
-    # Same seed and settings -> identical tokenizer and shards, whatever the number of actors.
+    # Same seed and settings -> identical tokenizer and shards with 1 and 4 actors.
     again = tmp_path / "again"
-    prepare(_config(corpora["folder"], again, num_actors=2), progress=False)
+    prepare(_config(corpora["folder"], again, num_actors=4), progress=False)
     assert tokenizer_sha256(again / "tokenizer.json") == tokenizer_sha256(out / "tokenizer.json")
     for split in ("train", "val"):
         a = sorted((out / split).glob("*.parquet"))
@@ -307,3 +307,36 @@ def test_overwrite_and_corrupt_shard(ray_local, corpora, tmp_path):
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=r"part-00000\.parquet"):
         manifest.verify(out)
+
+
+def test_interrupted_prepare_leaves_the_earlier_folder_intact(ray_local, tmp_path):
+    """Ctrl-C (SIGINT) in the middle of `rpt data prepare --overwrite`: the earlier prepared folder is untouched
+    (same manifest, same shards), the temporary folder is gone, the exit code says so, and no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "data"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"name: interrupt\nschedule: {{name: constant, warmup_steps: 0}}\ndata:\n  path: {out}\n  prepare:\n"
+                   "    corpus: builtin:pydoc\n"
+                   "    seq_len: 64\n    vocab_size: 2048\n    num_actors: 1\n")
+    prepare(PrepareConfig(corpus="builtin:pydoc", out_dir=out, seq_len=64, vocab_size=512, max_documents=20),
+            progress=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "data", "prepare", str(cfg), "--overwrite"],
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".data.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".data.tmp-*")), "the prepare never started writing"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err[-2000:]
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert not list(tmp_path.glob(".data.tmp-*")) and not list(tmp_path.glob(".data.old-*"))

@@ -118,18 +118,6 @@ def test_shard_bounds_are_contiguous_row_id_ranges():
     assert all(b - a == 64 for a, b in bounds[:-1]) and bounds[-1][1] - bounds[-1][0] == 1001 % 64
 
 
-def test_shuffle_rows_is_a_seeded_permutation():
-    rows = np.arange(40, dtype=np.int32).reshape(20, 2)
-    a = pack.shuffle_rows(rows, seed=1)
-    assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, rows.tolist()))
-    assert np.array_equal(a, pack.shuffle_rows(rows, seed=1))
-    assert not np.array_equal(a, pack.shuffle_rows(rows, seed=2))
-    assert not np.array_equal(a, pack.shuffle_rows(rows, seed=1, stream=1))
-
-
-# ---- train/val split ----------------------------------------------------------------------------
-
-
 def test_document_uniforms_are_deterministic_and_content_based():
     texts = [f"document number {i}" for i in range(200)]
     u1, s1 = pack.document_uniforms(texts, seed=0)
