@@ -26,13 +26,13 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench_common import print_result, run_child, write_json  # noqa: E402
 
 VARIANTS = {  # name: trainer settings (None: the plain PyTorch loop)
     "plain": None,
@@ -127,17 +127,9 @@ def run_variant(spec: dict, timeout_s: float) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    try:
-        r = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                           env=env, timeout=timeout_s, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish within {timeout_s:.0f} s"}
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        return {"error": (r.stderr or r.stdout).strip().splitlines()[-1:] or [f"exit {r.returncode}"]}
-    return json.loads(lines[-1][len("RESULT "):])
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "LOCAL_WORLD_SIZE": "1"}
+    return run_child(__file__, spec, timeout_s=timeout_s, env=env)
 
 
 def main() -> None:
@@ -154,7 +146,7 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print("RESULT " + json.dumps(one(json.loads(a.one))), flush=True)
+        print_result(one(json.loads(a.one)))
         return
     if a.device == "cuda":
         import torch
@@ -181,9 +173,7 @@ def main() -> None:
                 r["vs_plain"] = r["tokens_per_s"] / plain
     res["wall_s"] = time.monotonic() - start
     print_table(res)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(f"wrote {a.out}")
+    write_json(res, a.out)
 
 
 def print_table(res: dict) -> None:

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench_common import print_result, run_child, write_json  # noqa: E402
 
 
 def one(spec: dict) -> dict:
@@ -46,12 +46,10 @@ def one(spec: dict) -> dict:
 
 
 def run_one(spec: dict) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                       cwd=REPO, timeout=1800, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        raise SystemExit(f"prepare failed: {r.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    out = run_child(__file__, spec, timeout_s=1800)
+    if "error" in out:
+        raise SystemExit(f"prepare failed: {out['error']}")
+    return out
 
 
 def write_corpus(path: Path, docs: int) -> None:
@@ -86,7 +84,7 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print("RESULT " + json.dumps(one(json.loads(a.one))), flush=True)
+        print_result(one(json.loads(a.one)))
         return
     res: dict = {"host": platform.node(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "corpus": "builtin:stdlib-py files as JSONL", "runs": {}}
@@ -120,9 +118,7 @@ def main() -> None:
         t.add_row(label, "tokenizers encode_batch", "", f"{e['tokens']:,}", f"{e['seconds']:.1f}",
                   f"{e['tokens_per_s']:,.0f}", "")
     Console().print(t)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(f"wrote {a.out}")
+    write_json(res, a.out)
 
 
 if __name__ == "__main__":

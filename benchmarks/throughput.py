@@ -14,7 +14,6 @@ of the logged `perf/tokens_per_s` windows after the first (warm-up) window. Prin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench_common import write_json  # noqa: E402
 
 
 def plain_loop(cfg, steps: int, warmup: int) -> dict:
@@ -157,9 +157,7 @@ def main() -> None:
                       f"{r['tokens_per_s'] / plain:.2f}", f"{r['data_wait_frac']:.1%}", f"{r['mfu']:.1%}",
                       f"{r['mem_peak_gb']:.2f}")
     Console().print(t)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(f"wrote {a.out}")
+    write_json(res, a.out)
 
 
 if __name__ == "__main__":
