@@ -40,7 +40,7 @@ def history(uri: str, run_id: str, key: str) -> dict[int, float]:
 
 
 def test_engines_agree_on_two_ranks(ray_session, debug_data, tmp_path, tracking_uri):
-    steps = 10
+    steps = 20  # the acceptance: 20 steps, every one logged
     runs = {}
     for name, extra in {"ds0": ("trainer.engine=deepspeed", "trainer.zero_stage=0"),
                         "ddp": ("trainer.engine=accelerate", "trainer.zero_stage=0"),
