@@ -16,7 +16,6 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-import data.prepare as prep
 from data.corpus import (
     DECODE_COLUMNS,
     CorpusDecodeError,
@@ -185,29 +184,26 @@ def test_config_default_and_allowed_values(corpus):
         _config(corpus, "ignore")
 
 
-# ---- prepare() end to end, without Ray -------------------------------------------------------------
+# ---- prepare() end to end, on the session's Ray ----------------------------------------------------
 
 
 @pytest.fixture()
-def local_prepare(monkeypatch):
-    """`prepare()` with `_LocalDataset` for Ray Data; returns the texts each TokenizeAndPack batch got."""
-    tokenised: list[str] = []
+def local_prepare(ray_session):
+    """`prepare()` on the test session's Ray instance; returns a function giving the tokens a prepared folder
+    holds for given texts (what TokenizeAndPack counts: each text's ids plus one EOS)."""
+    import ray
 
-    def read_corpus(source, **_):
-        assert source.kind == "text_files"
-        return _LocalDataset([_decode_utf8(_read(source.paths))])
+    ray_was_running = ray.is_initialized()
 
-    class Spy(prep.TokenizeAndPack):
-        def __call__(self, batch):
-            tokenised.extend(batch.column("text").to_pylist())
-            return super().__call__(batch)
+    def tokens_of(config, texts: list[str]) -> int:
+        from tokenizers import Tokenizer
 
-    monkeypatch.setattr(prep, "read_corpus", read_corpus)
-    monkeypatch.setattr(prep, "TokenizeAndPack", Spy)
-    monkeypatch.setattr(prep.ray, "cluster_resources", lambda: {"CPU": 2})
-    ray_was_running = prep.ray.is_initialized()
-    yield tokenised
-    assert prep.ray.is_initialized() == ray_was_running  # prepare() started no Ray instance
+        tok = Tokenizer.from_file(str(config.out_dir / "tokenizer.json"))
+        tok.encode_special_tokens = True
+        return sum(len(tok.encode(t, add_special_tokens=False).ids) + 1 for t in texts)
+
+    yield tokens_of
+    assert ray.is_initialized() == ray_was_running  # prepare() started no Ray instance of its own
 
 
 def _prepare(corpus: Path, policy: str | None):
@@ -219,7 +215,8 @@ def test_prepare_replace_records_the_files_in_the_manifest(corpus, local_prepare
     config, summary = _prepare(corpus, None)
     paths = resolve_corpus(str(corpus)).paths
     assert summary["documents"] == 3 and summary["undecodable_files"] == 2
-    assert local_prepare == [GOOD.decode(), LATIN.decode("utf-8", "replace"), BROKEN.decode("utf-8", "replace")]
+    texts = [GOOD.decode(), LATIN.decode("utf-8", "replace"), BROKEN.decode("utf-8", "replace")]
+    assert summary["tokens"] == local_prepare(config, texts)  # all three tokenised, with U+FFFD
     manifest = Manifest.load(config.out_dir)
     assert manifest.decode_errors == DecodeErrors(
         policy="replace", files=2, bytes=7, replacements=6,
@@ -241,8 +238,7 @@ def test_prepare_skip_leaves_the_files_out(corpus, local_prepare, caplog):
     with caplog.at_level(logging.WARNING, logger="data.prepare"):
         config, summary = _prepare(corpus, "skip")
     paths = resolve_corpus(str(corpus)).paths
-    assert local_prepare == [GOOD.decode()]  # the only text tokenised
-    assert not any("latinword" in t or "brokenword" in t for t in local_prepare)
+    assert summary["tokens"] == local_prepare(config, [GOOD.decode()])  # the only text tokenised
     assert summary["documents"] == 1 and summary["characters"] == len(GOOD.decode())
     assert summary["undecodable_files"] == 2
     record = Manifest.load(config.out_dir).decode_errors
@@ -268,8 +264,8 @@ def test_prepare_fail_names_files_offset_and_fix_and_writes_nothing(corpus, loca
         "place) or skip (leave the files out), or convert the files to UTF-8 "
         "(e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`)"
     )
-    assert local_prepare == []  # nothing tokenised
-    assert sorted(p.name for p in corpus.parent.iterdir()) == ["corpus"]  # no out_dir, no temp folder
+    assert sorted(p.name for p in corpus.parent.iterdir()) == ["corpus"]  # no out_dir, no temp folder: nothing
+    # was tokenised or written
 
 
 def test_prepare_valid_corpus_records_zero(corpus, local_prepare):
