@@ -323,10 +323,9 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _gather_numpy(ds: ray.data.Dataset, columns: list[str], *, select: bool = True) -> dict[str, np.ndarray]:
+def _gather_numpy(ds: ray.data.Dataset, columns: list[str]) -> dict[str, np.ndarray]:
     """Columns of a dataset concatenated on the driver, in block order (one execution of `ds`)."""
-    if select:
-        ds = ds.select_columns(columns)
+    ds = ds.select_columns(columns)
     parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for c in columns:

@@ -76,9 +76,6 @@ class Engine(ABC):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def describe(self) -> str:
-        return f"{self.name} zero_stage={self.t.zero_stage} precision={self.t.precision}"
-
 
 def check_state_dir(directory: Path, engine: Engine) -> None:
     """A clear error when a checkpoint was written by the other engine."""

@@ -141,7 +141,7 @@ class DeepSpeedEngine(Engine):
         try:
             if first_on_node:
                 shutil.rmtree(tmp, ignore_errors=True)
-                to_universal(directory, tmp, saved_world=saved_world)
+                to_universal(directory, tmp)
             dist.barrier()
             self.ds._config.load_universal_checkpoint = True
             try:

@@ -15,8 +15,8 @@ from pathlib import Path
 DS_TAG = "ds"
 
 
-def to_universal(checkpoint: Path, out: Path, *, saved_world: int) -> Path:
-    """Convert ``checkpoint/ds`` (written by ``saved_world`` ranks) into ``out/ds``; returns ``out``. Runs in this
+def to_universal(checkpoint: Path, out: Path) -> Path:
+    """Convert ``checkpoint/ds`` (written by any number of ranks) into ``out/ds``; returns ``out``. Runs in this
     process (one extract and one merge worker: the state of a run that fits one node's memory)."""
     from deepspeed.checkpoint import ds_to_universal
 
