@@ -63,7 +63,7 @@ def data_prepare(
     from pathlib import Path
 
     cfg = _load(config, overrides)
-    if if_missing and Path(cfg.data.path, "manifest.json").is_file():  # text or image manifest
+    if if_missing and cfg.data.path and Path(cfg.data.path, "manifest.json").is_file():  # text or image manifest
         console.print(f"{cfg.data.path} is already prepared")
         return
     try:

@@ -59,9 +59,12 @@ def check_train_config(config: str, overrides: list[str]) -> list[str]:
 
     cfg = load_config(config, overrides)
     problems = []
-    if not Path(cfg.data.path).is_absolute():
-        problems.append(f"data.path={cfg.data.path!r} is relative: prepared data is not shipped with the job; "
-                        "use a path every node sees (shared volume), e.g. data.path=/mnt/shared/data/...")
+    folders = {"data.path": cfg.data.path} if cfg.data.path else {
+        f"data.sources[{i}].path": s.path for i, s in enumerate(cfg.data.sources)}
+    for field, path in folders.items():
+        if not Path(path).is_absolute():
+            problems.append(f"{field}={path!r} is relative: prepared data is not shipped with the job; "
+                            "use a path every node sees (shared volume), e.g. data.path=/mnt/shared/data/...")
     if "://" not in cfg.storage_path and not Path(cfg.storage_path).is_absolute():
         problems.append(f"storage_path={cfg.storage_path!r} is relative: checkpoints would stay in the job's "
                         "temporary working dir; use a shared path or s3://BUCKET/PREFIX")

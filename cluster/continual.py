@@ -101,10 +101,10 @@ class ContinualConfig(BaseModel):
         """The run config of task ``i`` (validated)."""
         task = self.tasks[i]
         data = task.data.model_dump(mode="json")
-        data["eval_sets"] = {t.name: t.data.path for t in self.tasks}
+        data["eval_sets"] = {t.name: t.data.root for t in self.tasks}
         if task.replay_fraction > 0:
             earlier = task.replay_tasks if task.replay_tasks is not None else [t.name for t in self.tasks[:i]]
-            paths = [t.data.path for t in self.tasks if t.name in earlier]
+            paths = [t.data.root for t in self.tasks if t.name in earlier]
             data["replay"] = {"fraction": task.replay_fraction, "paths": paths, "seed": self.seed + 1000 + i}
         trainer = self.trainer.model_dump(mode="json")
         trainer["max_steps"] = sum(self.task_steps[: i + 1])
@@ -146,6 +146,9 @@ def prepare_tasks(cfg: ContinualConfig) -> None:
     """Prepare every task's data that is missing; later text tasks reuse task 0's tokenizer (one vocabulary)."""
     first = cfg.tasks[0].data
     for i, task in enumerate(cfg.tasks):
+        if task.data.path is None:
+            raise ConfigError(f"tasks[{i}].data: a continual task trains on one folder (data.path); data.sources "
+                              "mixtures are for single runs (the earlier tasks are mixed in by replay_fraction)")
         if Path(task.data.path, "manifest.json").is_file():
             continue
         if task.data.prepare is None:

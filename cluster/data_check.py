@@ -16,21 +16,18 @@ from trainers.workloads import DataError, DataFacts
 
 
 def check_data(cfg: RunConfig) -> DataFacts:
-    """Load and verify ``data.path``'s manifest, match it with the objective, check the other folders."""
+    """Load and verify ``data.path``'s manifest (with ``data.sources``: every source's), match it with the
+    objective, check the other folders against it."""
     import objectives
-    from data.manifest import load_any_manifest
 
-    root = Path(cfg.data.path)
-    try:
-        manifest = load_any_manifest(root)
-        if cfg.data.verify_shards:
-            manifest.verify(root)
-        if cfg.data.verify_shards == "full":
-            manifest.verify_rows(root)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
-    _check_val_rows("data.path", cfg.data.path)
-    for name, path in cfg.data.eval_sets.items():
+    d = cfg.data
+    root, field = Path(d.root), d.root_field
+    manifest = _load_verified(field, root, d.verify_shards)
+    _check_val_rows(field, d.root)
+    for i, src in enumerate(d.sources[1:], start=1):
+        _load_verified(f"data.sources[{i}].path", Path(src.path), d.verify_shards)
+        _check_val_rows(f"data.sources[{i}].path", src.path)
+    for name, path in d.eval_sets.items():
         _check_val_rows(f"data.eval_sets.{name}", path)
     spec = workloads.for_manifest(manifest)
     obj = objectives.get(cfg.objective.name, **cfg.objective.params)
@@ -40,6 +37,7 @@ def check_data(cfg: RunConfig) -> DataFacts:
     try:
         facts = spec.check(cfg, root, manifest)
         others = {f"data.eval_sets.{k}": v for k, v in cfg.data.eval_sets.items()}
+        others.update({f"data.sources[{i}].path": s.path for i, s in enumerate(cfg.data.sources[1:], start=1)})
         if cfg.data.replay:
             others.update({f"data.replay.paths[{i}]": p for i, p in enumerate(cfg.data.replay.paths)})
         for field_name, path in others.items():
@@ -50,8 +48,23 @@ def check_data(cfg: RunConfig) -> DataFacts:
     try:
         obj.check_data(facts.fields)
     except ValueError as e:
-        raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
+        raise ConfigError(f"{field}={d.root!r}: {e}") from None
     return facts
+
+
+def _load_verified(field: str, root: Path, verify: bool | str):
+    """A prepared folder's manifest, its shards checked as ``data.verify_shards`` says."""
+    from data.manifest import load_any_manifest
+
+    try:
+        manifest = load_any_manifest(root)
+        if verify:
+            manifest.verify(root)
+        if verify == "full":
+            manifest.verify_rows(root)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{field}={str(root)!r}: {e}") from None
+    return manifest
 
 
 def _check_val_rows(field_name: str, path: str) -> None:
@@ -72,10 +85,10 @@ def _check_val_rows(field_name: str, path: str) -> None:
 def _mismatch(cfg: RunConfig, spec, wanted) -> str:
     """The objective trains on another data kind than ``data.path`` holds."""
     if spec.kind == "images":
-        return (f"data.path={cfg.data.path!r} holds images, but objective {cfg.objective.name!r} trains the decoder LM "
+        return (f"{cfg.data.root_field}={cfg.data.root!r} holds images, but objective {cfg.objective.name!r} trains the decoder LM "
                 f"on token shards: choose {spec.objective_hint} ({', '.join(_objectives_of(spec))}) or point "
                 "data.path at data prepared from a text corpus")
-    return (f"objective {cfg.objective.name!r} trains a ViT on images, but data.path={cfg.data.path!r} holds token "
+    return (f"objective {cfg.objective.name!r} trains a ViT on images, but {cfg.data.root_field}={cfg.data.root!r} holds token "
             f"shards: prepare image data (data.prepare.kind: images, e.g. source: fractals) into another folder")
 
 
@@ -98,7 +111,7 @@ def fill_from_data(cfg: RunConfig, facts: DataFacts) -> RunConfig:
     try:
         params = obj.fill_params(dict(cfg.objective.params), facts.fields)
     except ValueError as e:
-        raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
+        raise ConfigError(f"{cfg.data.root_field}={cfg.data.root!r}: {e}") from None
     if params == cfg.objective.params:
         return cfg
     new = cfg.model_dump(mode="json")

@@ -21,13 +21,13 @@ from cluster.data_check import check_data, fill_from_data
 from cluster.storage import Storage, StorageError, resolve_storage
 from trainers.checkpoint import CheckpointDir
 from trainers.config import RunConfig
+from data.mixture import Source
 from trainers.workloads import DataFacts
 
 log = logging.getLogger(__name__)
 RUN_FILE = "rpt_run.json"  # in the Ray run folder: links it to its MLflow run
 
-__all__ = ["RUN_FILE", "TrainOutcome", "TrainingError", "check_data", "fill_from_data", "replay_rows_per_micro",
-           "run_train"]
+__all__ = ["RUN_FILE", "TrainOutcome", "TrainingError", "check_data", "data_sources", "fill_from_data", "run_train"]
 
 
 @dataclass
@@ -128,8 +128,8 @@ class FitStart:
 
     name: str
     step: int = 0
-    rows: int = 0
-    replay_rows: int = 0
+    rows: dict[str, int] = field(default_factory=dict)  # per stream: rows per rank consumed (absent: 0)
+    mixed: int = 0  # the mixture's position (data.mixture): rows per rank drawn
     run_id: str | None = None
     skipped: tuple[str, ...] = ()  # newer checkpoints of the run found incomplete or damaged (--resume)
     heads: dict[str, Any] = field(default_factory=dict)  # data.stream.Head per stream (an epoch resharded)
@@ -137,22 +137,19 @@ class FitStart:
     declared_grad_accum_steps: int | None = None  # the config's value, when the run trains with a rescaled one
 
 
-def replay_rows_per_micro(cfg: RunConfig) -> int:
-    """Rows of each micro-batch drawn from replay: ``round(fraction * micro_batch_size)``."""
-    rp, mb = cfg.data.replay, cfg.trainer.micro_batch_size
+def data_sources(cfg: RunConfig) -> list[Source]:
+    """The run's planned streams: ``data.sources`` as given; else ``data.path`` as ``train``, mixed with the earlier
+    tasks' folders as ``replay`` (weight ``data.replay.fraction``) in continual pre-training."""
+    d = cfg.data
+    if d.sources:
+        return [Source(s.name, (s.path,), s.weight, cfg.seed if s.seed is None else s.seed) for s in d.sources]
+    rp = d.replay
     if rp is None or rp.fraction == 0.0:
-        return 0
+        return [Source("train", (d.path,), 1.0, cfg.seed)]
     if not rp.paths:
         raise ConfigError("data.replay.fraction > 0 needs data.replay.paths (prepared folders of earlier tasks)")
-    n = round(rp.fraction * mb)
-    if n == 0 or n == mb:
-        raise ConfigError(
-            f"data.replay.fraction={rp.fraction} of trainer.micro_batch_size={mb} rounds to {n} rows: "
-            "raise micro_batch_size or choose a fraction that leaves both parts non-empty"
-        )
-    if abs(n / mb - rp.fraction) > 1e-9:
-        log.warning("data.replay.fraction=%s realised as %d/%d = %.4f of each micro-batch", rp.fraction, n, mb, n / mb)
-    return n
+    return [Source("train", (d.path,), 1.0 - rp.fraction, cfg.seed),
+            Source("replay", tuple(rp.paths), rp.fraction, rp.seed)]
 
 
 def _unique_run_name(storage: Storage, name: str) -> str:
@@ -266,21 +263,25 @@ def fit_start(cfg: RunConfig, storage: Storage, resume: bool) -> FitStart:
 
 
 def _stream_totals(cfg: RunConfig) -> dict[str, int]:
-    """Rows per epoch of each planned stream (``train``; ``replay`` with a replay fraction)."""
+    """Rows per epoch of each planned stream (:func:`data_sources`)."""
     from data.stream import load_shards
 
-    totals = {"train": sum(s.rows for s in load_shards(cfg.data.path, "train"))}
-    if replay_rows_per_micro(cfg):
-        totals["replay"] = sum(s.rows for p in cfg.data.replay.paths for s in load_shards(p, "train"))
-    return totals
+    return {src.name: sum(s.rows for p in src.paths for s in load_shards(p, "train")) for src in data_sources(cfg)}
 
 
 def _continue_data(cfg: RunConfig, st, start: FitStart, what: str) -> None:
     """The checkpoint's data position for this fit, resharded when it was written by another number of workers
-    (the rest of the epoch split over the new ones: :meth:`data.stream.DataPosition.resharded`)."""
+    (the rest of the epoch split over the new ones: :meth:`data.stream.DataPosition.resharded`). A stream the
+    checkpoint does not know (a source added to the mixture) starts at its beginning; the mixture goes on from its
+    position with the configured weights."""
     pos = st.data_position
-    moved = pos.resharded(_stream_totals(cfg), cfg.trainer.num_workers)
-    start.rows, start.replay_rows, start.heads = moved.rows_consumed, moved.replay_rows_consumed, moved.heads
+    totals = _stream_totals(cfg)
+    gone = sorted(set(pos.streams) - set(totals))
+    if gone:
+        log.warning("%s: the checkpoint's data position has streams %s that this config does not train on; "
+                    "their positions are dropped", what, gone)
+    moved = pos.resharded(totals, cfg.trainer.num_workers)
+    start.rows, start.mixed, start.heads = {n: moved.rows(n) for n in totals}, moved.mixed, moved.heads
     _keep_global_batch(cfg, st, start, what)
     if pos.world_size != cfg.trainer.num_workers:
         log.warning("%s was written by %d workers; continuing on %d: the rest of data epoch %d is split over them "
@@ -362,35 +363,37 @@ def _log_curation(client, run_id: str, manifest) -> None:
 
 
 def plan_fit(cfg: RunConfig, facts: DataFacts, start: FitStart, uri: str, run_id: str):
-    """The planned streams (``train``, and ``replay`` with a replay fraction), the datasets Ray Train hands
-    the workers, and the :class:`trainers.loop.FitPlan` as a dict."""
+    """The planned streams (:func:`data_sources`: each source's rows for this fit, split over the micro-batches by
+    :class:`data.mixture.Mixture`), the datasets Ray Train hands the workers, and the
+    :class:`trainers.loop.FitPlan` as a dict."""
     import ray.data
 
+    from data.mixture import Mixture
     from data.stream import StreamPlan, load_shards
     from trainers import workloads
 
     t, spec = cfg.trainer, workloads.get(facts.kind)
-    steps, replay_micro = t.max_steps - start.step, replay_rows_per_micro(cfg)
-    cols = spec.columns
-    shards = load_shards(cfg.data.path, "train")
-    rows_per_stream = {"train": steps * t.grad_accum_steps * (t.micro_batch_size - replay_micro)}
-    streams = {"train": StreamPlan(tuple(shards), cfg.seed, start.rows, rows_per_stream["train"], cols,
-                                   start.heads.get("train"))}
-    datasets = {"train": ray.data.read_parquet([s.path for s in shards], columns=list(cols))}
-    if replay_micro:
-        rshards = [sh for p in cfg.data.replay.paths for sh in load_shards(p, "train")]
-        count = steps * t.grad_accum_steps * replay_micro
-        streams["replay"] = StreamPlan(tuple(rshards), cfg.data.replay.seed, start.replay_rows, count, cols,
-                                       start.heads.get("replay"))
-        datasets["replay"] = ray.data.read_parquet([s.path for s in rshards], columns=list(cols))
+    sources, cols = data_sources(cfg), spec.columns
+    mixture = Mixture(tuple(s.name for s in sources), tuple(s.weight for s in sources))
+    drawn = mixture.micro_counts(start.mixed, (t.max_steps - start.step) * t.grad_accum_steps, t.micro_batch_size)
+    streams, datasets = {}, {}
+    for src, count in zip(sources, drawn.sum(axis=0), strict=True):
+        shards = [sh for p in src.paths for sh in load_shards(p, "train")]
+        streams[src.name] = StreamPlan(tuple(shards), src.seed, start.rows.get(src.name, 0), int(count), cols,
+                                       start.heads.get(src.name))
+        datasets[src.name] = ray.data.read_parquet([s.path for s in shards], columns=list(cols))
     # Evaluation sets are small and fixed: each worker reads them directly (data.stream.read_rows).
-    val_sets = {"val": cfg.data.path, **{f"val:{k}": v for k, v in cfg.data.eval_sets.items()}}
+    val_sets = {f"val:{k}": v for k, v in cfg.data.eval_sets.items()}
+    if cfg.data.sources:
+        val_sets.update({f"val:{s.name}": s.path for s in cfg.data.sources})
+    else:
+        val_sets["val"] = cfg.data.path
     eval_shards = {key: [s.path for s in load_shards(path, "val")] for key, path in val_sets.items()}
-    eval_shards.update(spec.eval_shards(cfg, [s.path for s in shards]))
+    eval_shards.update(spec.eval_shards(cfg, [s.path for s in streams[sources[0].name].shards]))
     fit = {"kind": facts.kind, "streams": {k: v.to_dict() for k, v in streams.items()}, "start_step": start.step,
            "declared_grad_accum_steps": start.declared_grad_accum_steps,
-           "replay_per_micro": replay_micro, "tracking_uri": uri, "mlflow_run_id": run_id,
-           "eval_shards": eval_shards, "data": facts.fields}
+           "mixture": mixture.to_dict() if len(sources) > 1 else {}, "mixed_start": start.mixed,
+           "tracking_uri": uri, "mlflow_run_id": run_id, "eval_shards": eval_shards, "data": facts.fields}
     return fit, datasets, streams
 
 

@@ -92,49 +92,71 @@ def epoch_of(rows: int, epoch_rows: int, head: Head | None) -> int:
 
 @dataclass(frozen=True)
 class DataPosition:
-    """What a checkpoint stores about the data: enough to continue with the next unseen row."""
+    """What a checkpoint stores about the data: enough to continue with the next unseen row.
 
-    rows_consumed: int  # per rank (from the head's start when the train stream has one)
+    ``streams`` holds each planned stream's position (rows per rank, equal on every rank; counted from the
+    stream's head when it has one), ``mixed`` the mixture's (:mod:`data.mixture`: rows per rank drawn so far,
+    which fixes how the next micro-batches split over the streams), ``seen`` the rows of each stream consumed by
+    all ranks since the run started. The first stream is the run's main one (``data.path``, or the first of
+    ``data.sources``): ``rows_consumed``, ``seed``, ``epoch_rows`` and ``epoch`` are its."""
+
+    streams: dict[str, int]
     world_size: int
     seed: int
-    epoch_rows: int  # rows per rank per epoch
-    replay_rows_consumed: int = 0  # per rank, of the replay stream (continual pre-training)
+    epoch_rows: int  # rows per rank per epoch of the first stream
+    mixed: int = 0
+    seen: dict[str, int] = field(default_factory=dict)
     heads: dict[str, Head] = field(default_factory=dict)  # per stream: the epoch resharded to this world size
 
     @property
+    def main(self) -> str:
+        return next(iter(self.streams))
+
+    @property
+    def rows_consumed(self) -> int:
+        return self.streams[self.main]
+
+    @property
     def epoch(self) -> int:
-        return epoch_of(self.rows_consumed, self.epoch_rows, self.heads.get("train"))
+        return epoch_of(self.rows_consumed, self.epoch_rows, self.heads.get(self.main))
 
     def rows(self, stream: str) -> int:
-        return self.rows_consumed if stream == "train" else self.replay_rows_consumed
+        return self.streams.get(stream, 0)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {**asdict(self), "epoch": self.epoch}
-        d["heads"] = {k: h.to_dict() for k, h in self.heads.items()}
-        return d
+        return {"streams": dict(self.streams), "rows_consumed": self.rows_consumed, "world_size": self.world_size,
+                "seed": self.seed, "epoch_rows": self.epoch_rows, "epoch": self.epoch, "mixed": self.mixed,
+                "seen": dict(self.seen), "heads": {k: h.to_dict() for k, h in self.heads.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataPosition:
+        streams = d.get("streams")
+        if streams is None:  # written before mixtures: the train stream and, in continual runs, the replay stream
+            streams = {"train": int(d["rows_consumed"])}
+            if int(d.get("replay_rows_consumed", 0)):
+                streams["replay"] = int(d["replay_rows_consumed"])
+        world = int(d["world_size"])
         return cls(
-            rows_consumed=int(d["rows_consumed"]),
-            world_size=int(d["world_size"]),
+            streams={k: int(v) for k, v in streams.items()},
+            world_size=world,
             seed=int(d["seed"]),
             epoch_rows=int(d["epoch_rows"]),
-            replay_rows_consumed=int(d.get("replay_rows_consumed", 0)),
+            mixed=int(d.get("mixed", sum(int(v) for v in streams.values()))),
+            seen={k: int(v) for k, v in (d.get("seen") or {}).items()},
             heads={k: Head.from_dict(h) for k, h in (d.get("heads") or {}).items()},
         )
 
     def resharded(self, totals: dict[str, int], world_size: int) -> DataPosition:
         """This position on ``world_size`` ranks (:func:`reshard` of every stream; ``totals``: rows per epoch of
-        each stream, ``train`` and, in continual pre-training, ``replay``)."""
+        each stream). The mixture's position is per rank and goes on unchanged."""
         if world_size == self.world_size:
             return self
         moved = {name: reshard(n, self.world_size, self.rows(name), self.heads.get(name), world_size)
                  for name, n in totals.items()}
+        main = next(iter(totals))
         return DataPosition(
-            rows_consumed=moved["train"][0], world_size=world_size, seed=self.seed,
-            epoch_rows=totals["train"] // world_size,
-            replay_rows_consumed=moved["replay"][0] if "replay" in moved else self.replay_rows_consumed,
+            streams={name: r for name, (r, _) in moved.items()}, world_size=world_size, seed=self.seed,
+            epoch_rows=totals[main] // world_size, mixed=self.mixed, seen=dict(self.seen),
             heads={name: h for name, (_, h) in moved.items() if h is not None},
         )
 

@@ -184,6 +184,8 @@ class TrainLogger(Callback):
             perf["train/grad_norm"] = norm.item()
         if trainer.cfg.trainer.on_nonfinite == "skip":
             perf["train/skipped_steps"] = trainer.skipped_steps
+        if len(trainer.batches.streams) > 1:  # a mixture: rows of each source so far (all ranks)
+            perf.update({f"data/{name}/rows_seen": n for name, n in trainer.batches.seen.items()})
         if work.flops_per_unit:
             perf["perf/mfu"] = rate_rank * work.flops_per_unit / trainer.peak_flops
         trainer.sink.log(perf, step)
@@ -194,9 +196,10 @@ class TrainLogger(Callback):
 
 
 class Evaluator(Callback):
-    """``val/loss`` (the run's validation set) and ``val/<name>/loss`` (``data.eval_sets``) at step 0 (the
-    untrained baseline) and every ``trainer.eval_every`` steps, plus the workload's extra evaluation
-    (image probes)."""
+    """``val/loss`` (the run's validation set) and ``val/<name>/loss`` (``data.eval_sets``, and every source of
+    ``data.sources``) at step 0 (the untrained baseline) and every ``trainer.eval_every`` steps, plus the
+    workload's extra evaluation (image probes). A mixture of ``data.sources`` has no validation set of its own:
+    its ``val/loss`` is the weighted mean of the sources' (the loss on the mixture the run trains on)."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
         data = trainer.cfg.data
@@ -217,6 +220,9 @@ class Evaluator(Callback):
             key = "val/loss" if name == "val" else f"val/{name.removeprefix('val:')}/loss"
             out[key] = trainer.evaluate(rows)
             out.update(trainer.work.extra_eval(trainer, name, rows, self.bank))
+        mix = trainer.plan.mixture
+        if "val" not in self.vals and mix and all(f"val/{n}/loss" in out for n in mix):
+            out["val/loss"] = sum(w * out[f"val/{n}/loss"] for n, w in mix.items()) / sum(mix.values())
         return out
 
 

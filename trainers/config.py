@@ -36,10 +36,30 @@ class ReplaySpec(_Strict):
     seed: int = Field(1, description="seed of the replay stream's order")
 
 
-class DataSpec(_Strict):
-    """Where the prepared (tokenised, packed) shards are, and how to build them if they are missing."""
+class SourceSpec(_Strict):
+    """One source of a weighted data mixture (:mod:`data.mixture`): a prepared folder and its share of the rows."""
 
-    path: str = Field(description="folder written by `rpt data prepare` (holds manifest.json)")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="the source's name in metrics (data/<name>/rows_seen, val/<name>/loss) and positions")
+    path: str = Field(description="folder written by `rpt data prepare`")
+    weight: float = Field(gt=0.0, description="share of the rows (any scale: the weights are normalised)")
+    seed: int | None = Field(None, description="seed of the source's shard order (default: the run's seed)")
+
+
+RESERVED_SOURCE_NAMES = ("val", "probe")  # evaluation-set keys of the loop
+
+
+class DataSpec(_Strict):
+    """Where the prepared (tokenised, packed) shards are, and how to build them if they are missing.
+
+    One folder (``path``) or a weighted mixture of several (``sources``), never both."""
+
+    path: str | None = Field(None, description="folder written by `rpt data prepare` (holds manifest.json)")
+    sources: list[SourceSpec] = Field(
+        default_factory=list,
+        description="weighted mixture of prepared folders [{name, path, weight}] (same tokenizer and seq_len); "
+        "replaces path",
+    )
     prepare: dict[str, Any] | None = Field(
         None, description="settings for `rpt data prepare` (corpus, seq_len, vocab_size, ...); out_dir is `path`"
     )
@@ -59,8 +79,34 @@ class DataSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_prepare(self) -> DataSpec:
+        if (self.path is None) == (not self.sources):
+            raise ValueError("set data.path (one prepared folder) or data.sources (a weighted mixture: "
+                             "[{name, path, weight}, ...]), not both and not neither")
+        names = [s.name for s in self.sources]
+        clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(RESERVED_SOURCE_NAMES)))
+        if clash:
+            raise ValueError(f"data.sources names must be unique and not {list(RESERVED_SOURCE_NAMES)}: {clash}")
+        if set(names) & set(self.eval_sets):
+            raise ValueError(f"data.eval_sets {sorted(set(names) & set(self.eval_sets))} share a name with data.sources "
+                             "(each source is evaluated as val/<name>/loss already): rename one")
+        if self.sources and self.replay is not None and self.replay.fraction > 0:
+            raise ValueError("data.replay is for a single data.path; with data.sources add the replayed folders as "
+                             "sources with their weight")
+        if self.sources and self.prepare is not None:
+            raise ValueError("data.prepare builds data.path; with data.sources prepare each source with its own "
+                             "config (`rpt data prepare`) and list the prepared folders")
         self.prepare_config()  # fail on the driver, naming the field
         return self
+
+    @property
+    def root(self) -> str:
+        """The folder whose manifest describes the run's data (tokenizer, seq_len): ``path``, or the first source's."""
+        return self.path if self.path is not None else self.sources[0].path
+
+    @property
+    def root_field(self) -> str:
+        """The config field of :attr:`root`, for error messages."""
+        return "data.path" if self.path is not None else "data.sources[0].path"
 
     def workload(self):
         """The workload spec whose data ``prepare.kind`` builds (:mod:`trainers.workloads`; no kind: text)."""

@@ -24,7 +24,8 @@ class TrainContext(Protocol):
         """This run's own latest checkpoint as a local folder (restart or ``--resume``), or None."""
 
     def batches(self, stream: str, batch_size: int, prefetch: int) -> Iterator[dict[str, Any]]:
-        """Micro-batches (dicts of tensors, ``row_id`` included) of this rank's planned ``stream``."""
+        """Batches of ``batch_size`` rows (dicts of tensors, ``row_id`` included; the last may be shorter) of this
+        rank's planned ``stream``; :class:`trainers.batches.PlannedBatches` cuts them into micro-batch parts."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         """Persist a checkpoint folder (collective: every rank calls it) with its metrics."""
@@ -63,7 +64,8 @@ class RayTrainContext:
         import ray.train
 
         shard = ray.train.get_dataset_shard(stream)
-        return iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch))
+        # the plan's row count need not be a multiple of batch_size (a mixture's streams): the last batch is kept
+        return iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=False, prefetch_batches=prefetch))
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train

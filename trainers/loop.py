@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.mixture import Mixture
 from data.stream import StreamPlan
 from trainers.batches import PlannedBatches
 from trainers.callbacks import Callback, Checkpointer, Evaluator, NonFiniteGuard, StepOutput, TrainLogger, due
@@ -45,11 +46,12 @@ class FitPlan:
     the tracking run."""
 
     kind: str  # trainers.workloads spec: "text" or "images"
-    streams: dict[str, dict[str, Any]]  # "train" (+ "replay"): data.stream.StreamPlan as dicts
+    streams: dict[str, dict[str, Any]]  # per planned stream (source): data.stream.StreamPlan as dicts
     start_step: int
     tracking_uri: str
     mlflow_run_id: str | None
-    replay_per_micro: int = 0  # rows of each micro-batch drawn from the replay stream
+    mixture: dict[str, float] = field(default_factory=dict)  # stream -> weight (data.mixture); empty: one stream
+    mixed_start: int = 0  # the mixture's position (rows per rank) at this fit's start
     # evaluation sets {name: shard paths}, read directly (data.stream.read_rows): "val" (the run's own),
     # "val:<name>" (data.eval_sets) and the workload's own (the image probes' "probe" bank)
     eval_shards: dict[str, list[str]] = field(default_factory=dict)
@@ -101,10 +103,9 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.state = TrainState(step=plan.start_step, schedule=cfg.schedule_description())
         streams = {name: StreamPlan.from_dict(d) for name, d in plan.streams.items()}
-        micro = {"train": t.micro_batch_size - plan.replay_per_micro}
-        if "replay" in streams:
-            micro["replay"] = plan.replay_per_micro
-        self.batches = PlannedBatches(streams, micro, rank=self.rank, world=self.world)
+        mixture = Mixture.from_dict(plan.mixture or {name: 1.0 for name in streams})
+        self.batches = PlannedBatches(streams, mixture, plan.mixed_start, t.micro_batch_size, rank=self.rank,
+                                      world=self.world)
         self.callbacks = [*callbacks, NonFiniteGuard(), TrainLogger(), Evaluator(), Checkpointer()]
         self.last_train_loss: float | None = None
         self.skipped_steps = 0  # steps skipped for a non-finite loss (on_nonfinite=skip), saved in checkpoints
@@ -193,7 +194,7 @@ class Trainer:
         if self.state.step >= t.max_steps:
             log.info("nothing to do: step %d >= max_steps %d", self.state.step, t.max_steps)
             return
-        self.batches.open(self.ctx, t.data_loader_prefetch)
+        self.batches.open(self.ctx, t.data_loader_prefetch, (t.max_steps - self.plan.start_step) * t.grad_accum_steps)
         for cb in self.callbacks:
             cb.on_fit_start(self)
         self.loop_start = time.perf_counter()

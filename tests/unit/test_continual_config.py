@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cluster.config import ConfigError
 from cluster.continual import load_continual
-from cluster.train import replay_rows_per_micro
+from cluster.train import data_sources
+from data.mixture import Mixture
 from data.stream import Shard, pieces_row_ids, rank_pieces
 from trainers import schedules
 
@@ -27,16 +29,20 @@ def test_task_configs_chain_steps_replay_and_eval_sets():
     assert t1.tracking.alias == "task-1"
 
 
-@pytest.mark.parametrize(("fraction", "mb", "rows"), [(0.25, 8, 2), (0.05, 20, 1), (0.5, 16, 8), (0.3, 8, 2)])
-def test_replay_rows_per_micro_batch(fraction, mb, rows):
+@pytest.mark.parametrize(("fraction", "mb", "every", "rows"), [(0.25, 8, 1, 2), (0.05, 20, 1, 1), (0.5, 16, 1, 8),
+                                                            (0.05, 4, 5, 1), (0.3, 10, 1, 3)])
+def test_replay_is_a_mixture(fraction, mb, every, rows):
+    """Replay is the mixture of the task's folder and the earlier tasks' by replay_fraction: ``rows`` replay rows in
+    every ``every`` micro-batches (a fraction too small for one row per micro-batch is not rounded away)."""
     cfg = load_continual(CFG, [f"trainer.micro_batch_size={mb}", f"tasks.1.replay_fraction={fraction}"])
-    assert replay_rows_per_micro(cfg.task_config(1, previous_checkpoint="x")) == rows
-
-
-def test_replay_fraction_too_small_for_micro_batch():
-    cfg = load_continual(CFG, ["trainer.micro_batch_size=4", "tasks.1.replay_fraction=0.05"])
-    with pytest.raises(ConfigError, match="rounds to 0 rows"):
-        replay_rows_per_micro(cfg.task_config(1, previous_checkpoint="x"))
+    task = cfg.task_config(1, previous_checkpoint="x")
+    sources = data_sources(task)
+    assert [s.name for s in sources] == ["train", "replay"]
+    assert sources[1].paths == (cfg.tasks[0].data.path,) and sources[1].seed == task.data.replay.seed
+    counts = Mixture(tuple(s.name for s in sources), tuple(s.weight for s in sources)).micro_counts(0, 10 * every, mb)
+    assert (counts.sum(axis=1) == mb).all()
+    np.testing.assert_array_equal(counts[:, 1].reshape(10, every).sum(axis=1), rows)
+    assert data_sources(cfg.task_config(0, previous_checkpoint=None))[0].weight == 1.0
 
 
 def test_replay_stream_is_deterministic_per_seed():

@@ -53,9 +53,21 @@ def test_too_few_rows_for_world_size():
 
 
 def test_position_round_trip():
-    p = DataPosition(rows_consumed=37, world_size=2, seed=3, epoch_rows=15)
-    assert p.epoch == 2
+    p = DataPosition(streams={"train": 37}, world_size=2, seed=3, epoch_rows=15, mixed=37, seen={"train": 74})
+    assert p.epoch == 2 and p.rows_consumed == 37
     assert DataPosition.from_dict(p.to_dict()) == p
+    m = DataPosition(streams={"web": 30, "code": 10}, world_size=2, seed=3, epoch_rows=15, mixed=40,
+                     seen={"web": 60, "code": 20})
+    assert DataPosition.from_dict(m.to_dict()) == m and m.rows_consumed == 30 and m.rows("other") == 0
+
+
+def test_position_written_before_mixtures_loads():
+    """A checkpoint's position from before mixtures (train + replay counters) reads as two streams whose mixture
+    position is their sum (the replay share was a fixed count per micro-batch, which the mixture reproduces)."""
+    old = {"rows_consumed": 24, "world_size": 1, "seed": 3, "epoch_rows": 15, "replay_rows_consumed": 8, "epoch": 1}
+    p = DataPosition.from_dict(old)
+    assert p.streams == {"train": 24, "replay": 8} and p.mixed == 32 and p.epoch == 1
+    assert DataPosition.from_dict({**old, "replay_rows_consumed": 0}).streams == {"train": 24}
 
 
 def test_read_rows_spans_files_keeps_order_and_list_widths(tmp_path):
@@ -129,15 +141,15 @@ def test_reshard_twice_and_at_an_epoch_end():
     # an epoch used up: the next one starts in the regular layout (rows = epoch * rows per rank)
     assert reshard(N, 2, N // 2, None, 3) == (N // 3, None)
     assert reshard(N, 2, 0, None, 3) == (0, None)
-    d = DataPosition(rows_consumed=1, world_size=3, seed=0, epoch_rows=N // 3, heads={"train": h1}).to_dict()
+    d = DataPosition(streams={"train": 1}, world_size=3, seed=0, epoch_rows=N // 3, heads={"train": h1}).to_dict()
     assert DataPosition.from_dict(d).heads["train"] == h1 and isinstance(h1, Head)
     assert DataPosition.from_dict(d).epoch == 0
 
 
 def test_position_resharded_moves_every_stream():
-    p = DataPosition(rows_consumed=20, world_size=2, seed=0, epoch_rows=15, replay_rows_consumed=3)
+    p = DataPosition(streams={"train": 20, "replay": 3}, world_size=2, seed=0, epoch_rows=15, mixed=23)
     q = p.resharded({"train": N, "replay": 12}, 1)
-    assert q.world_size == 1 and q.epoch_rows == N and q.epoch == 1
+    assert q.world_size == 1 and q.epoch_rows == N and q.epoch == 1 and q.mixed == 23
     assert q.rows_consumed == 0 and q.heads["train"].rows == (15 - 5) * 2
-    assert q.replay_rows_consumed == 0 and q.heads["replay"].rows == (6 - 3) * 2
+    assert q.rows("replay") == 0 and q.heads["replay"].rows == (6 - 3) * 2
     assert p.resharded({"train": N}, 2) is p

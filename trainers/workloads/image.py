@@ -76,7 +76,7 @@ class ImageSpec(WorkloadSpec):
         for key, value in (("image_size", f["image_size"]), ("in_channels", f["channels"])):
             if vit[key] is not None and vit[key] != value:
                 raise DataError(
-                    f"vit.{key}={vit[key]} but data.path={cfg.data.path!r} holds {f['channels']}x{f['image_size']}x"
+                    f"vit.{key}={vit[key]} but {cfg.data.root_field}={cfg.data.root!r} holds {f['channels']}x{f['image_size']}x"
                     f"{f['image_size']} images: remove vit.{key} (it defaults to the data's) or prepare matching data"
                 )
             vit[key] = value

@@ -81,7 +81,7 @@ class TextSpec(WorkloadSpec):
         m = facts.manifest
         if other.tokenizer.sha256 != m.tokenizer.sha256 or other.seq_len != m.seq_len:
             raise DataError(
-                f"{field_name}={path!r} was prepared with another tokenizer or seq_len than data.path: prepare it "
+                f"{field_name}={path!r} was prepared with another tokenizer or seq_len than the run's data: prepare it "
                 f"with data.prepare.tokenizer={facts.fields['tokenizer_path']!r} and seq_len={m.seq_len}"
             )
 
