@@ -19,9 +19,9 @@ from cluster import tracking
 from cluster.config import ConfigError, dump_config
 from cluster.data_check import check_data, fill_from_data
 from cluster.storage import Storage, StorageError, resolve_storage
+from data.mixture import Source
 from trainers.checkpoint import CheckpointDir
 from trainers.config import RunConfig
-from data.mixture import Source
 from trainers.workloads import DataFacts
 
 log = logging.getLogger(__name__)

@@ -71,7 +71,7 @@ class Mixture:
         if len(self.names) != len(self.weights) or not self.names:
             raise ValueError(f"a mixture needs one weight per source: names={self.names}, weights={self.weights}")
         if any(not w > 0 or math.isinf(w) for w in self.weights):
-            raise ValueError(f"mixture weights must be positive and finite, got {dict(zip(self.names, self.weights))}")
+            raise ValueError(f"mixture weights must be positive and finite, got {list(self.weights)} for {list(self.names)}")
 
     @cached_property
     def shares(self) -> tuple[tuple[int, ...], int]:
