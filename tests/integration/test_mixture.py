@@ -21,19 +21,28 @@ MB, WORLD = 8, 2  # micro-batch 8 rows: 6 from web, 2 from code
 
 
 @pytest.fixture(scope="module")
-def code_data(ray_session, debug_data, tmp_path_factory) -> Path:
-    """A small generated corpus of Python functions (about 40 training rows: the run wraps into its next epoch),
-    tokenised with the debug corpus's tokenizer (same seq_len)."""
-    from data.prepare import PrepareConfig, prepare
-
+def code_corpus(tmp_path_factory) -> Path:
+    """A small generated corpus of Python functions."""
     corpus = tmp_path_factory.mktemp("code-corpus")
     for i in range(18):
         body = "\n".join(f"    y{j} = x * {i + j} + len(str(y{j - 1 if j else 0}))" for j in range(8))
         (corpus / f"f{i:02d}.py").write_text(f"def f{i}(x):\n    y0 = x\n{body}\n    return y7\n")
-    out = tmp_path_factory.mktemp("prepared") / "code-64"
-    prepare(PrepareConfig(corpus=str(corpus), out_dir=out, seq_len=64, tokenizer=str(debug_data / "tokenizer.json"),
-                          shard_rows=16, val_fraction=0.1, seed=0), progress=False)
+    return corpus
+
+
+def prepare_code(corpus: Path, out: Path, tokenizer: Path, seq_len: int = 64) -> Path:
+    from data.prepare import PrepareConfig, prepare
+
+    prepare(PrepareConfig(corpus=str(corpus), out_dir=out, seq_len=seq_len, tokenizer=str(tokenizer), shard_rows=16,
+                          val_fraction=0.1, seed=0), progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def code_data(ray_session, debug_data, code_corpus, tmp_path_factory) -> Path:
+    """The code corpus tokenised with the debug corpus's tokenizer and seq_len (about 40 training rows: the run
+    wraps into its next epoch)."""
+    return prepare_code(code_corpus, tmp_path_factory.mktemp("prepared") / "code-64", debug_data / "tokenizer.json")
 
 
 def mix_cfg(web: Path, code: Path, tmp_path: Path, *overrides: str):
@@ -85,3 +94,27 @@ def test_two_sources_draw_the_planned_rows_resume_once_and_log_per_source(
         assert hist["val/loss"][s] == pytest.approx(0.75 * hist["val/web/loss"][s] + 0.25 * hist["val/code/loss"][s])
     for name in ("web", "code"):  # both sources were learnt from
         assert hist[f"val/{name}/loss"][12] < hist[f"val/{name}/loss"][0] - 0.2
+
+
+def test_a_source_with_another_seq_len_or_tokenizer_is_refused_naming_it(debug_data, code_data, code_corpus, tmp_path):
+    """Every source must be tokenised like the first: another seq_len or tokenizer fails on the driver, naming
+    the source's field and the fix."""
+    import shutil
+
+    from cluster.config import ConfigError
+    from cluster.data_check import check_data
+    from data.tokenizer import tokenizer_sha256
+
+    short = prepare_code(code_corpus, tmp_path / "code-32", debug_data / "tokenizer.json", seq_len=32)
+    retrained = tmp_path / "code-other-tokenizer"
+    shutil.copytree(code_data, retrained)
+    tok = retrained / "tokenizer.json"  # another tokenizer file (its manifest consistent with it)
+    tok.write_text(tok.read_text() + "\n")
+    manifest = json.loads((retrained / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = tokenizer_sha256(tok)
+    (retrained / "manifest.json").write_text(json.dumps(manifest))
+    for other in (short, retrained):
+        with pytest.raises(ConfigError) as e:
+            check_data(mix_cfg(debug_data, other, tmp_path))
+        assert f"data.sources[1].path={str(other)!r}" in str(e.value), str(e.value)
+        assert "another tokenizer or seq_len" in str(e.value) and "prepare it with" in str(e.value), str(e.value)

@@ -167,3 +167,32 @@ def test_unreachable_or_mistyped_tracking_uris_fail_in_seconds(tmp_path):
         check_reachable(f"sqlite:///{tmp_path / 'no-such-dir' / 'mlruns.db'}")
     assert not (tmp_path / "no-such-dir").exists()
     check_reachable(f"sqlite:///{tmp_path / 'mlruns.db'}")  # a new store in an existing folder is fine
+
+
+def test_data_sources_config_errors_name_the_fix():
+    """data.sources replaces data.path: both, neither, duplicate or reserved names, replay or prepare beside a
+    mixture, a non-positive weight are refused on the driver, naming the field."""
+    web, code = {"name": "web", "path": "/d/web", "weight": 3}, {"name": "code", "path": "/d/code", "weight": 1}
+    cases = [
+        ({"path": "/d/web", "sources": [web]}, "not both"),
+        ({"prepare": None}, "not both and not neither"),
+        ({"sources": [web, {**code, "name": "web"}]}, "unique"),
+        ({"sources": [web, {**code, "name": "val"}]}, "['val']"),
+        ({"sources": [web, code], "replay": {"fraction": 0.1, "paths": ["/d/old"]}}, "add the replayed folders"),
+        ({"sources": [web, code], "prepare": {"corpus": "builtin:pydoc"}}, "prepare each source"),
+        ({"sources": [web, code], "eval_sets": {"code": "/d/code"}}, "share a name"),
+        ({"sources": [web, {**code, "weight": 0}]}, "data.sources.1.weight"),
+        ({"sources": [web, {**code, "name": "a b"}]}, "data.sources.1.name"),
+    ]
+    for data, expect in cases:
+        raw = _raw()
+        raw["data"].pop("path")
+        raw["data"].pop("prepare")
+        raw["data"].update(data)
+        with pytest.raises(ConfigError) as e:
+            validate_config(raw)
+        assert expect in str(e.value), (data, str(e.value))
+    raw = _raw()
+    raw["data"] = {"sources": [web, code]}
+    cfg = validate_config(raw)
+    assert cfg.data.root == "/d/web" and cfg.data.root_field == "data.sources[0].path" and cfg.data.path is None
