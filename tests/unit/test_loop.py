@@ -89,6 +89,7 @@ def make(tokens, val_path, tmp: Path, *, max_steps: int, start_step: int = 0, st
     count = (max_steps - start_step) * cfg.trainer.rows_per_step
     stream = StreamPlan(shards, seed=7, start=start_rows, count=count)
     plan = FitPlan(kind="text", streams={"train": stream.to_dict()}, start_step=start_step, tracking_uri="",
+                   mixed_start=start_rows,
                    mlflow_run_id=None, eval_shards={"val": [str(val_path)]},
                    data={"tokenizer_path": str(val_path), "vocab_size": VOCAB, "seq_len": SEQ,
                          "special_tokens": {"<e>": 0, "<p>": 1, "<|mask|>": VOCAB - 1},
