@@ -38,7 +38,7 @@ def plain_loop(cfg, steps: int, warmup: int) -> dict:
     from data.manifest import Manifest
     from trainers.engines.base import param_groups
 
-    man = Manifest.load(cfg.data.path)
+    man = Manifest.load(cfg.data.root)
     torch.manual_seed(cfg.seed)
     mcfg = cfg.model.resolve(vocab_size=man.tokenizer.vocab_size, max_seq_len=man.seq_len)
     model = models.build(mcfg)
@@ -48,7 +48,7 @@ def plain_loop(cfg, steps: int, warmup: int) -> dict:
     mb = cfg.trainer.micro_batch_size
     rows = np.concatenate([
         np.stack(pq.read_table(p, columns=["tokens"]).column("tokens").to_numpy(zero_copy_only=False))
-        for p in man.shard_paths(cfg.data.path, "train")[:4]
+        for p in man.shard_paths(cfg.data.root, "train")[:4]
     ])
     need = (steps + warmup) * mb
     rows = np.resize(rows, (need, rows.shape[1]))

@@ -107,10 +107,11 @@ class DataPosition:
     mixed: int = 0
     seen: dict[str, int] = field(default_factory=dict)
     heads: dict[str, Head] = field(default_factory=dict)  # per stream: the epoch resharded to this world size
+    main: str = ""  # the first stream's name (default: the first key of ``streams``)
 
-    @property
-    def main(self) -> str:
-        return next(iter(self.streams))
+    def __post_init__(self) -> None:
+        if not self.main:
+            object.__setattr__(self, "main", next(iter(self.streams)))
 
     @property
     def rows_consumed(self) -> int:
@@ -126,7 +127,7 @@ class DataPosition:
     def to_dict(self) -> dict[str, Any]:
         return {"streams": dict(self.streams), "rows_consumed": self.rows_consumed, "world_size": self.world_size,
                 "seed": self.seed, "epoch_rows": self.epoch_rows, "epoch": self.epoch, "mixed": self.mixed,
-                "seen": dict(self.seen), "heads": {k: h.to_dict() for k, h in self.heads.items()}}
+                "seen": dict(self.seen), "heads": {k: h.to_dict() for k, h in self.heads.items()}, "main": self.main}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataPosition:
@@ -144,6 +145,7 @@ class DataPosition:
             mixed=int(d.get("mixed", sum(int(v) for v in streams.values()))),
             seen={k: int(v) for k, v in (d.get("seen") or {}).items()},
             heads={k: Head.from_dict(h) for k, h in (d.get("heads") or {}).items()},
+            main=d.get("main", ""),
         )
 
     def resharded(self, totals: dict[str, int], world_size: int) -> DataPosition:
@@ -157,7 +159,7 @@ class DataPosition:
         return DataPosition(
             streams={name: r for name, (r, _) in moved.items()}, world_size=world_size, seed=self.seed,
             epoch_rows=totals[main] // world_size, mixed=self.mixed, seen=dict(self.seen),
-            heads={name: h for name, (_, h) in moved.items() if h is not None},
+            heads={name: h for name, (_, h) in moved.items() if h is not None}, main=main,
         )
 
 

@@ -145,6 +145,7 @@ class PlannedBatches:
             mixed=self.mixed,
             seen=dict(self.seen),
             heads={name: sp.head for name, sp in self.streams.items() if sp.head is not None},
+            main=next(iter(self.streams)),
         )
 
     def take_committed(self) -> dict[str, np.ndarray]:

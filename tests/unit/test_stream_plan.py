@@ -59,6 +59,10 @@ def test_position_round_trip():
     m = DataPosition(streams={"web": 30, "code": 10}, world_size=2, seed=3, epoch_rows=15, mixed=40,
                      seen={"web": 60, "code": 20})
     assert DataPosition.from_dict(m.to_dict()) == m and m.rows_consumed == 30 and m.rows("other") == 0
+    import json
+
+    sorted_json = json.loads(json.dumps(m.to_dict(), sort_keys=True))  # train_state.json sorts its keys
+    assert DataPosition.from_dict(sorted_json).main == "web" and DataPosition.from_dict(sorted_json).epoch == m.epoch
 
 
 def test_position_written_before_mixtures_loads():
