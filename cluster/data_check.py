@@ -18,9 +18,11 @@ from trainers.workloads import DataError, DataFacts
 def check_data(cfg: RunConfig) -> DataFacts:
     """Load and verify ``data.path``'s manifest, match it with the objective, check the other folders."""
     import objectives
+    from data.location import is_uri
     from data.manifest import load_any_manifest
 
-    root = Path(cfg.data.path)
+    _check_locations(cfg)
+    root = cfg.data.path if is_uri(cfg.data.path) else Path(cfg.data.path)
     try:
         manifest = load_any_manifest(root)
         if cfg.data.verify_shards:
@@ -29,6 +31,8 @@ def check_data(cfg: RunConfig) -> DataFacts:
             manifest.verify_rows(root)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
+    except OSError as e:  # a store that fails mid-way (permissions, network)
+        raise ConfigError(_io_error("data.path", cfg.data.path, e)) from None
     _check_val_rows("data.path", cfg.data.path)
     for name, path in cfg.data.eval_sets.items():
         _check_val_rows(f"data.eval_sets.{name}", path)
@@ -52,6 +56,27 @@ def check_data(cfg: RunConfig) -> DataFacts:
     except ValueError as e:
         raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
     return facts
+
+
+def _check_locations(cfg: RunConfig) -> None:
+    """Every data folder on an object store: its store reachable and its bucket there (one paragraph naming the
+    field, the cause and the fix, instead of a traceback from the first read)."""
+    from data.location import LocationError, check_reachable, resolve
+
+    fields = {"data.path": cfg.data.path, **{f"data.eval_sets.{k}": v for k, v in cfg.data.eval_sets.items()}}
+    if cfg.data.replay:
+        fields.update({f"data.replay.paths[{i}]": p for i, p in enumerate(cfg.data.replay.paths)})
+    for field_name, path in fields.items():
+        try:
+            check_reachable(resolve(path, what=field_name), field_name)
+        except LocationError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _io_error(field_name: str, path: str, exc: OSError) -> str:
+    from data.location import io_error
+
+    return str(io_error(field_name, path, exc))
 
 
 def _check_val_rows(field_name: str, path: str) -> None:

@@ -364,8 +364,7 @@ def _log_curation(client, run_id: str, manifest) -> None:
 def plan_fit(cfg: RunConfig, facts: DataFacts, start: FitStart, uri: str, run_id: str):
     """The planned streams (``train``, and ``replay`` with a replay fraction), the datasets Ray Train hands
     the workers, and the :class:`trainers.loop.FitPlan` as a dict."""
-    import ray.data
-
+    from data.location import parquet_dataset
     from data.stream import StreamPlan, load_shards
     from trainers import workloads
 
@@ -376,13 +375,13 @@ def plan_fit(cfg: RunConfig, facts: DataFacts, start: FitStart, uri: str, run_id
     rows_per_stream = {"train": steps * t.grad_accum_steps * (t.micro_batch_size - replay_micro)}
     streams = {"train": StreamPlan(tuple(shards), cfg.seed, start.rows, rows_per_stream["train"], cols,
                                    start.heads.get("train"))}
-    datasets = {"train": ray.data.read_parquet([s.path for s in shards], columns=list(cols))}
+    datasets = {"train": parquet_dataset([s.path for s in shards], cols)}
     if replay_micro:
         rshards = [sh for p in cfg.data.replay.paths for sh in load_shards(p, "train")]
         count = steps * t.grad_accum_steps * replay_micro
         streams["replay"] = StreamPlan(tuple(rshards), cfg.data.replay.seed, start.replay_rows, count, cols,
                                        start.heads.get("replay"))
-        datasets["replay"] = ray.data.read_parquet([s.path for s in rshards], columns=list(cols))
+        datasets["replay"] = parquet_dataset([s.path for s in rshards], cols)
     # Evaluation sets are small and fixed: each worker reads them directly (data.stream.read_rows).
     val_sets = {"val": cfg.data.path, **{f"val:{k}": v for k, v in cfg.data.eval_sets.items()}}
     eval_shards = {key: [s.path for s in load_shards(path, "val")] for key, path in val_sets.items()}
