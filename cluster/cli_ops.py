@@ -56,10 +56,11 @@ def check_train_config(config: str, overrides: list[str]) -> list[str]:
     work in a job: paths relative to the job's working dir, which is a fresh copy of the repository on
     the head without prepared data or results."""
     from cluster.config import load_config
+    from data.location import is_uri
 
     cfg = load_config(config, overrides)
     problems = []
-    if not Path(cfg.data.path).is_absolute():
+    if not is_uri(cfg.data.path) and not Path(cfg.data.path).is_absolute():
         problems.append(f"data.path={cfg.data.path!r} is relative: prepared data is not shipped with the job; "
                         "use a path every node sees (shared volume), e.g. data.path=/mnt/shared/data/...")
     if "://" not in cfg.storage_path and not Path(cfg.storage_path).is_absolute():

@@ -144,9 +144,11 @@ def load_continual(path: str | Path, overrides: list[str] | None = None) -> Cont
 
 def prepare_tasks(cfg: ContinualConfig) -> None:
     """Prepare every task's data that is missing; later text tasks reuse task 0's tokenizer (one vocabulary)."""
+    from data.manifest import is_prepared
+
     first = cfg.tasks[0].data
     for i, task in enumerate(cfg.tasks):
-        if Path(task.data.path, "manifest.json").is_file():
+        if is_prepared(task.data.path):
             continue
         if task.data.prepare is None:
             raise ConfigError(f"tasks[{i}].data.path={task.data.path!r} is not prepared and tasks[{i}].data.prepare is unset")
