@@ -60,10 +60,12 @@ def data_prepare(
     if_missing: bool = typer.Option(False, "--if-missing", help="do nothing when data.path already holds a manifest"),
 ) -> None:
     """Build data.path from data.prepare: tokenised, packed text shards, or image shards (kind: images)."""
+    from data.location import check_reachable, resolve
     from data.manifest import is_prepared
 
     cfg = _load(config, overrides)
     try:
+        check_reachable(resolve(cfg.data.path, what="data.path"), "data.path")  # an object store: before Ray starts
         if if_missing and is_prepared(cfg.data.path):  # text or image manifest, on a local path or a store
             console.print(f"{cfg.data.path} is already prepared")
             return

@@ -144,6 +144,7 @@ def load_continual(path: str | Path, overrides: list[str] | None = None) -> Cont
 
 def prepare_tasks(cfg: ContinualConfig) -> None:
     """Prepare every task's data that is missing; later text tasks reuse task 0's tokenizer (one vocabulary)."""
+    from data.location import child_uri
     from data.manifest import is_prepared
 
     first = cfg.tasks[0].data
@@ -155,7 +156,7 @@ def prepare_tasks(cfg: ContinualConfig) -> None:
         spec = task.data.workload()
         params = dict(task.data.prepare)
         if i > 0 and spec.shares_tokenizer:  # one vocabulary across the tasks (image tasks have none)
-            params["tokenizer"] = str(Path(first.path, "tokenizer.json"))
+            params["tokenizer"] = child_uri(first.path, "tokenizer.json")  # a path, or a URI of the store
             params.setdefault("seq_len", (first.prepare or {}).get("seq_len", 128))
         spec.prepare(spec.prepare_config(params, task.data.path), progress=False)
 

@@ -144,6 +144,14 @@ class Location:
                        base=posixpath.join(self.base, *parts))
 
     @property
+    def parent(self) -> Location:
+        """The folder this location is in."""
+        if not self.remote:
+            return replace(self, path=str(Path(self.path).parent), shown=str(Path(self.shown).parent))
+        return replace(self, path=posixpath.dirname(self.path), shown=posixpath.dirname(self.shown),
+                       base=posixpath.dirname(self.base))
+
+    @property
     def name(self) -> str:
         return posixpath.basename(self.path.rstrip("/"))
 

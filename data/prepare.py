@@ -129,8 +129,9 @@ class PrepareConfig(BaseModel):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents held out for val")
     shard_rows: int = Field(2048, ge=1, description="rows per Parquet shard (the last may be smaller)")
     seed: int = Field(0, ge=0, le=(1 << 64) - 1, description="seeds the split, tokenizer sample, shuffle")
-    tokenizer: Path | None = Field(
-        None, description="tokenizer.json or Hugging Face tokenizer folder to use instead of training one"
+    tokenizer: Path | str | None = Field(
+        None, description="tokenizer.json or Hugging Face tokenizer folder (a path or an object-store URI) to use "
+        "instead of training one"
     )
     bos_token: str | None = Field(
         None, min_length=1, description="BOS token; default: the tokenizer folder's tokenizer_config.json"
@@ -177,10 +178,12 @@ class PrepareConfig(BaseModel):
             raise ValueError(f"unknown builtin corpus {v!r}; allowed: {allowed}")
         return v
 
-    @field_validator("out_dir")
+    @field_validator("out_dir", "tokenizer")
     @classmethod
-    def _out_dir(cls, v: Path | str) -> Path | str:
-        return v if isinstance(v, str) and is_uri(v) else Path(v)  # URIs stay strings (a Path folds s3:// to s3:/)
+    def _location(cls, v: Path | str | None) -> Path | str | None:
+        if v is None or (isinstance(v, str) and is_uri(v)):
+            return v  # URIs stay strings (a Path folds s3:// to s3:/)
+        return Path(v)
 
     @field_validator("special_tokens")
     @classmethod
@@ -659,6 +662,34 @@ def _write_progress(progress: bool) -> Iterator[Any]:
 
 
 def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Prepare `config.corpus` into `config.out_dir` (see :func:`_prepare`); a tokenizer given as an object-store
+    URI is downloaded into a temporary folder first, with the Hugging Face files next to it."""
+    if config.tokenizer is None or not is_uri(config.tokenizer):
+        return _prepare(config, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="rpt-tokenizer-") as tmp:
+        local = _download_tokenizer(str(config.tokenizer), Path(tmp))
+        return _prepare(config.model_copy(update={"tokenizer": local}), progress=progress)
+
+
+def _download_tokenizer(uri: str, dest: Path) -> Path:
+    """A `tokenizer.json` (or a tokenizer folder) on a store, with the `tokenizer_config.json` and
+    `special_tokens_map.json` of its folder where present, copied into `dest`; returns the local equivalent."""
+    from data.location import copy_to_local
+    from data.tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+
+    what = "data.prepare.tokenizer"
+    loc = resolve(uri, what=what)
+    check_reachable(loc, what)
+    folder, name = (loc, TOKENIZER_FILE) if loc.is_dir() else (loc.parent, loc.name)
+    if not folder.join(name).is_file():
+        raise FileNotFoundError(f"{what}={uri!r} does not exist (no {name} there)")
+    for file in (name, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE):
+        if file == name or folder.join(file).is_file():
+            copy_to_local(folder.join(file).uri, dest / file)
+    return dest if loc.is_dir() else dest / name
+
+
+def _prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     """Prepare `config.corpus` into `config.out_dir`; returns a summary dict (and prints it if `progress`).
 
     Uses the current Ray instance (Ray Data starts a local one if none is running). `progress` turns
