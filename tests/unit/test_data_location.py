@@ -203,3 +203,13 @@ def test_a_folder_of_the_users_is_never_replaced(tmp_path):
     with pytest.raises(FileExistsError, match="not empty; choose another out_dir or set overwrite=True"):
         check_out_dir(_store(_prepared(tmp_path / "prep", 1, "old")), overwrite=False)
     assert _tree(user) == {"notes/a.txt": "mine"}
+
+
+def test_submit_accepts_data_on_an_object_store():
+    from cluster.cli_ops import check_train_config
+
+    repo = Path(__file__).resolve().parents[2]
+    problems = check_train_config(str(repo / "configs/debug-lm.yaml"), ["data.path=s3://bucket/data/pydoc-64"])
+    assert not [p for p in problems if "data.path" in p], problems
+    problems = check_train_config(str(repo / "configs/debug-lm.yaml"), ["data.path=data/pydoc-64"])
+    assert any(p.startswith("data.path='data/pydoc-64' is relative") for p in problems), problems
