@@ -196,11 +196,7 @@ def load_shards(prepared_dir: str | Path, split: str) -> list[Shard]:
     """
     from data.location import is_uri, resolve
 
-    if is_uri(prepared_dir):
-        root = resolve(prepared_dir)
-    else:
-        local = Path(prepared_dir).resolve()
-        root = resolve(local)
+    root = resolve(prepared_dir if is_uri(prepared_dir) else Path(prepared_dir).resolve())
     path = root.join("manifest.json")
     if not path.is_file():
         raise FileNotFoundError(
