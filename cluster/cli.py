@@ -60,13 +60,19 @@ def data_prepare(
     if_missing: bool = typer.Option(False, "--if-missing", help="do nothing when data.path already holds a manifest"),
 ) -> None:
     """Build data.path from data.prepare: tokenised, packed text shards, or image shards (kind: images)."""
-    from pathlib import Path
+    from data.location import check_reachable, resolve
+    from data.manifest import is_prepared
 
     cfg = _load(config, overrides)
-    if if_missing and cfg.data.path and Path(cfg.data.path, "manifest.json").is_file():  # text or image manifest
-        console.print(f"{cfg.data.path} is already prepared")
-        return
+    if cfg.data.path is None:
+        _fail(ValueError(f"{config}: data.prepare builds data.path, and this config trains on data.sources: prepare "
+                         "each source with its own config (rpt data prepare CONFIG data.path=FOLDER ...), one tokenizer "
+                         "for all (data.prepare.tokenizer=FIRST/tokenizer.json)"))
     try:
+        check_reachable(resolve(cfg.data.path, what="data.path"), "data.path")  # an object store: before Ray starts
+        if if_missing and is_prepared(cfg.data.path):  # text or image manifest, on a local path or a store
+            console.print(f"{cfg.data.path} is already prepared")
+            return
         pcfg = cfg.data.prepare_config(overwrite=overwrite)
         if pcfg is None:
             raise ValueError(
@@ -81,6 +87,10 @@ def data_prepare(
         cfg.data.workload().prepare(pcfg, progress=True)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
+    except OSError as e:  # an object store that cannot be reached or read
+        from data.location import io_error
+
+        _fail(io_error("data.path", cfg.data.path, e))
 
 
 @app.command()

@@ -56,15 +56,17 @@ def check_train_config(config: str, overrides: list[str]) -> list[str]:
     work in a job: paths relative to the job's working dir, which is a fresh copy of the repository on
     the head without prepared data or results."""
     from cluster.config import load_config
+    from data.location import is_uri
 
     cfg = load_config(config, overrides)
     problems = []
     folders = {"data.path": cfg.data.path} if cfg.data.path else {
         f"data.sources[{i}].path": s.path for i, s in enumerate(cfg.data.sources)}
     for field, path in folders.items():
-        if not Path(path).is_absolute():
+        if not is_uri(path) and not Path(path).is_absolute():
             problems.append(f"{field}={path!r} is relative: prepared data is not shipped with the job; "
-                            "use a path every node sees (shared volume), e.g. data.path=/mnt/shared/data/...")
+                            "use a path every node sees (shared volume) or an object store, e.g. "
+                            "data.path=/mnt/shared/data/... or s3://BUCKET/data/...")
     if "://" not in cfg.storage_path and not Path(cfg.storage_path).is_absolute():
         problems.append(f"storage_path={cfg.storage_path!r} is relative: checkpoints would stay in the job's "
                         "temporary working dir; use a shared path or s3://BUCKET/PREFIX")

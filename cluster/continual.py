@@ -144,19 +144,22 @@ def load_continual(path: str | Path, overrides: list[str] | None = None) -> Cont
 
 def prepare_tasks(cfg: ContinualConfig) -> None:
     """Prepare every task's data that is missing; later text tasks reuse task 0's tokenizer (one vocabulary)."""
+    from data.location import child_uri
+    from data.manifest import is_prepared
+
     first = cfg.tasks[0].data
     for i, task in enumerate(cfg.tasks):
         if task.data.path is None:
             raise ConfigError(f"tasks[{i}].data: a continual task trains on one folder (data.path); data.sources "
                               "mixtures are for single runs (the earlier tasks are mixed in by replay_fraction)")
-        if Path(task.data.path, "manifest.json").is_file():
+        if is_prepared(task.data.path):
             continue
         if task.data.prepare is None:
             raise ConfigError(f"tasks[{i}].data.path={task.data.path!r} is not prepared and tasks[{i}].data.prepare is unset")
         spec = task.data.workload()
         params = dict(task.data.prepare)
         if i > 0 and spec.shares_tokenizer:  # one vocabulary across the tasks (image tasks have none)
-            params["tokenizer"] = str(Path(first.path, "tokenizer.json"))
+            params["tokenizer"] = child_uri(first.path, "tokenizer.json")  # a path, or a URI of the store
             params.setdefault("seq_len", (first.prepare or {}).get("seq_len", 128))
         spec.prepare(spec.prepare_config(params, task.data.path), progress=False)
 

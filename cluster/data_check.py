@@ -21,11 +21,12 @@ def check_data(cfg: RunConfig) -> DataFacts:
     import objectives
 
     d = cfg.data
-    root, field = Path(d.root), d.root_field
-    manifest = _load_verified(field, root, d.verify_shards)
+    _check_locations(cfg)
+    field = d.root_field
+    root, manifest = _load_verified(field, d.root, d.verify_shards)
     _check_val_rows(field, d.root)
     for i, src in enumerate(d.sources[1:], start=1):
-        _load_verified(f"data.sources[{i}].path", Path(src.path), d.verify_shards)
+        _load_verified(f"data.sources[{i}].path", src.path, d.verify_shards)
         _check_val_rows(f"data.sources[{i}].path", src.path)
     for name, path in d.eval_sets.items():
         _check_val_rows(f"data.eval_sets.{name}", path)
@@ -36,11 +37,7 @@ def check_data(cfg: RunConfig) -> DataFacts:
         raise ConfigError(_mismatch(cfg, spec, wanted))
     try:
         facts = spec.check(cfg, root, manifest)
-        others = {f"data.eval_sets.{k}": v for k, v in cfg.data.eval_sets.items()}
-        others.update({f"data.sources[{i}].path": s.path for i, s in enumerate(cfg.data.sources[1:], start=1)})
-        if cfg.data.replay:
-            others.update({f"data.replay.paths[{i}]": p for i, p in enumerate(cfg.data.replay.paths)})
-        for field_name, path in others.items():
+        for field_name, path in _other_folders(cfg).items():
             spec.check_other(field_name, path, facts)
         spec.check_init(cfg, facts)
     except DataError as e:
@@ -52,10 +49,24 @@ def check_data(cfg: RunConfig) -> DataFacts:
     return facts
 
 
-def _load_verified(field: str, root: Path, verify: bool | str):
-    """A prepared folder's manifest, its shards checked as ``data.verify_shards`` says."""
+def _other_folders(cfg: RunConfig) -> dict[str, str]:
+    """The folders that must match the run's data (tokenizer, seq_len, image size): eval sets, the other sources,
+    the replayed tasks."""
+    d = cfg.data
+    others = {f"data.eval_sets.{k}": v for k, v in d.eval_sets.items()}
+    others.update({f"data.sources[{i}].path": s.path for i, s in enumerate(d.sources[1:], start=1)})
+    if d.replay:
+        others.update({f"data.replay.paths[{i}]": p for i, p in enumerate(d.replay.paths)})
+    return others
+
+
+def _load_verified(field: str, path: str, verify: bool | str):
+    """``(root, manifest)`` of a prepared folder (a local path or a URI), its shards checked as
+    ``data.verify_shards`` says."""
+    from data.location import is_uri
     from data.manifest import load_any_manifest
 
+    root = path if is_uri(path) else Path(path)
     try:
         manifest = load_any_manifest(root)
         if verify:
@@ -63,8 +74,29 @@ def _load_verified(field: str, root: Path, verify: bool | str):
         if verify == "full":
             manifest.verify_rows(root)
     except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"{field}={str(root)!r}: {e}") from None
-    return manifest
+        raise ConfigError(f"{field}={path!r}: {e}") from None
+    except OSError as e:  # a store that fails mid-way (permissions, network)
+        raise ConfigError(_io_error(field, path, e)) from None
+    return root, manifest
+
+
+def _check_locations(cfg: RunConfig) -> None:
+    """Every data folder on an object store: its store reachable and its bucket there (one paragraph naming the
+    field, the cause and the fix, instead of a traceback from the first read)."""
+    from data.location import LocationError, check_reachable, resolve
+
+    fields = {cfg.data.root_field: cfg.data.root, **_other_folders(cfg)}
+    for field_name, path in fields.items():
+        try:
+            check_reachable(resolve(path, what=field_name), field_name)
+        except LocationError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _io_error(field_name: str, path: str, exc: OSError) -> str:
+    from data.location import io_error
+
+    return str(io_error(field_name, path, exc))
 
 
 def _check_val_rows(field_name: str, path: str) -> None:

@@ -4,7 +4,8 @@
 (``s3://bucket/prefix``). Ray Train writes run folders and checkpoints through a pyarrow filesystem;
 the driver reads them back through the same filesystem (resume, registry), so both kinds behave alike.
 
-S3-compatible endpoints (MinIO, Ceph, moto, ...) are given by, first match wins:
+S3-compatible endpoints (MinIO, Ceph, moto, ...) are given as for data paths (:mod:`data.location`, which
+builds the filesystem for both), first match wins:
 
 1. query parameters of the URI, as pyarrow names them:
    ``s3://bucket/prefix?endpoint_override=http://minio:9000&region=us-east-1``;
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import posixpath
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow.fs as pafs
 
+from data.location import LocationError, is_uri, s3_filesystem
 from trainers.checkpoint import (
     TRAIN_STATE,
     TrainState,
@@ -43,57 +44,8 @@ from trainers.checkpoint import (
 
 log = logging.getLogger(__name__)
 
-# S3FileSystem options that may be given as URI query parameters (strings in the URI).
-_S3_OPTIONS: dict[str, type] = {
-    "endpoint_override": str,
-    "region": str,
-    "scheme": str,
-    "force_virtual_addressing": bool,
-    "allow_bucket_creation": bool,
-    "request_timeout": float,
-    "connect_timeout": float,
-    "tls_ca_file_path": str,
-}
-
-
 class StorageError(ValueError):
     """storage_path cannot be used as given (names the value and the fix)."""
-
-
-def is_uri(storage_path: str) -> bool:
-    return "://" in storage_path and not storage_path.startswith("file://")
-
-
-def _parse_bool(key: str, value: str) -> bool:
-    if value.lower() in ("1", "true", "yes"):
-        return True
-    if value.lower() in ("0", "false", "no"):
-        return False
-    raise StorageError(f"storage_path option {key}={value!r}: expected true or false")
-
-
-def s3_filesystem(query: dict[str, str] | None = None) -> pafs.S3FileSystem:
-    """An S3FileSystem with the endpoint and options from ``query`` or the environment; no credentials.
-
-    pyarrow's constructor ignores ``AWS_ENDPOINT_URL`` (only ``FileSystem.from_uri`` reads it), so the
-    endpoint is resolved here and stored in the filesystem: workers then need only the credentials.
-    """
-    opts: dict[str, Any] = {}
-    for key, value in (query or {}).items():
-        kind = _S3_OPTIONS.get(key)
-        if kind is None:
-            raise StorageError(
-                f"storage_path option {key!r} is not supported; allowed: {sorted(_S3_OPTIONS)}. "
-                "Credentials never go into storage_path: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment"
-            )
-        opts[key] = _parse_bool(key, value) if kind is bool else kind(value)
-    endpoint = opts.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        opts["endpoint_override"] = endpoint
-    region = opts.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        opts["region"] = region
-    return pafs.S3FileSystem(**opts)
 
 
 @dataclass(frozen=True)
@@ -264,7 +216,10 @@ def resolve_storage(storage_path: str, *, create: bool = True) -> Storage:
     if parts.scheme in ("s3", "s3a"):
         if not parts.netloc:
             raise StorageError(f"storage_path={storage_path!r}: no bucket; expected s3://BUCKET/PREFIX")
-        fs = s3_filesystem(query)
+        try:
+            fs = s3_filesystem(query, what="storage_path")
+        except LocationError as e:
+            raise StorageError(str(e)) from None
         root = f"{parts.netloc}{parts.path}".rstrip("/")
         bare = f"s3://{root}"
     else:

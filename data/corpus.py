@@ -31,7 +31,12 @@ Accepted corpus forms (`PrepareConfig.corpus`):
   Their content depends on the Python version; the manifest records the document and character
   counts, so two preparations can be compared.
 
-Document order is deterministic (sorted paths, file row order); `max_documents` keeps the first N.
+Each form may also lie on an object store or another pyarrow filesystem (`s3://bucket/corpus/`, `gs://...`;
+endpoint and credentials as in :mod:`data.location`): it is listed and classified the same way through the
+filesystem, which the Ray Data readers get (`filesystem=`), so every reader task opens the files itself.
+
+Document order is deterministic (sorted paths, compared part by part, so a folder and its copy in a bucket
+give the same order; file row order); `max_documents` keeps the first N.
 
 Undecodable files (text files and the `builtin:stdlib-py` / `builtin:c-headers` files): every file is
 decoded once, for a whole batch at a time, by Arrow's UTF-8 validation (no Python decoding when the batch
@@ -58,17 +63,20 @@ from __future__ import annotations
 import ast
 import functools
 import itertools
+import posixpath
 import sysconfig
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import ray
 
+from data.location import check_reachable, is_uri, resolve
 from data.manifest import DecodeErrors, DecodeExample
 
 TEXT_EXTENSIONS = (
@@ -117,11 +125,16 @@ class CorpusSource:
     kind: Literal["text_files", "parquet", "jsonl", "items"]
     paths: tuple[str, ...] = ()  # files (text_files) or one file/folder (parquet, jsonl)
     texts: tuple[str, ...] = ()  # kind == "items": documents built on the driver
+    filesystem: Any = field(default=None, compare=False)  # pyarrow filesystem of `paths`; None: local
+
+
+def _has_suffix_name(name: str, suffixes: Sequence[str]) -> bool:
+    name = name.lower()
+    return any(name.endswith(s) for s in suffixes)
 
 
 def _has_suffix(path: Path, suffixes: Sequence[str]) -> bool:
-    name = path.name.lower()
-    return any(name.endswith(s) for s in suffixes)
+    return _has_suffix_name(path.name, suffixes)
 
 
 def _visible_files(root: Path) -> list[Path]:
@@ -221,32 +234,57 @@ def resolve_corpus(spec: str, *, max_documents: int | None = None) -> CorpusSour
             f"unknown builtin corpus {spec!r}; available: "
             + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_CORPORA)
         )
+    if is_uri(spec):
+        return _resolve_remote(spec, max_documents)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(
             f"corpus {spec!r} does not exist (resolved to {str(path.resolve())!r}); expected {CORPUS_FORMS}"
         )
     if path.is_file():
-        if _has_suffix(path, PARQUET_EXTENSIONS):
-            return CorpusSource(spec, "parquet", paths=(str(path),))
-        if _has_suffix(path, JSONL_EXTENSIONS):
-            return CorpusSource(spec, "jsonl", paths=(str(path),))
-        if _has_suffix(path, TEXT_EXTENSIONS):
-            return CorpusSource(spec, "text_files", paths=(str(path),))
-        raise ValueError(f"corpus file {spec!r} has an unsupported extension; expected {CORPUS_FORMS}")
-    files = _visible_files(path)
-    if any(_has_suffix(p, PARQUET_EXTENSIONS) for p in files):
-        return CorpusSource(spec, "parquet", paths=(str(path),))
-    text_files = [p for p in files if _has_suffix(p, TEXT_EXTENSIONS)]
-    jsonl_files = [p for p in files if _has_suffix(p, JSONL_EXTENSIONS)]
+        return _classify_file(spec, str(path))
+    return _classify_folder(spec, str(path), [str(p) for p in _visible_files(path)], max_documents)
+
+
+def _classify_file(spec: str, path: str, filesystem: Any = None) -> CorpusSource:
+    """A corpus of one file, by its extension."""
+    for kind, suffixes in (("parquet", PARQUET_EXTENSIONS), ("jsonl", JSONL_EXTENSIONS), ("text_files", TEXT_EXTENSIONS)):
+        if _has_suffix_name(posixpath.basename(path), suffixes):
+            return CorpusSource(spec, kind, paths=(path,), filesystem=filesystem)
+    raise ValueError(f"corpus file {spec!r} has an unsupported extension; expected {CORPUS_FORMS}")
+
+
+def _classify_folder(spec: str, folder: str, files: list[str], max_documents: int | None,
+                     filesystem: Any = None) -> CorpusSource:
+    """A corpus folder by the files it holds (visible files, sorted): Parquet, else JSON Lines, else text."""
+    def named(suffixes: Sequence[str]) -> list[str]:
+        return [p for p in files if _has_suffix_name(posixpath.basename(p), suffixes)]
+
+    if named(PARQUET_EXTENSIONS):
+        return CorpusSource(spec, "parquet", paths=(folder,), filesystem=filesystem)
+    text_files, jsonl_files = named(TEXT_EXTENSIONS), named(JSONL_EXTENSIONS)
     if jsonl_files and not text_files:
-        return CorpusSource(spec, "jsonl", paths=tuple(map(str, jsonl_files)))
+        return CorpusSource(spec, "jsonl", paths=tuple(jsonl_files), filesystem=filesystem)
     if not text_files:
         raise ValueError(
             f"corpus folder {spec!r} holds no readable files ({len(files)} files, none ending in "
             f"{', '.join(TEXT_EXTENSIONS + PARQUET_EXTENSIONS + JSONL_EXTENSIONS)}); expected {CORPUS_FORMS}"
         )
-    return CorpusSource(spec, "text_files", paths=tuple(map(str, text_files[:max_documents])))
+    return CorpusSource(spec, "text_files", paths=tuple(text_files[:max_documents]), filesystem=filesystem)
+
+
+def _resolve_remote(spec: str, max_documents: int | None) -> CorpusSource:
+    """A corpus on an object store or another pyarrow filesystem: one file or a folder (prefix), listed there."""
+    loc = resolve(spec, what="data.prepare.corpus")
+    check_reachable(loc, "data.prepare.corpus")
+    info = loc.info()
+    if info.type == pafs.FileType.File:
+        return _classify_file(spec, loc.path, loc.filesystem)
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"corpus {spec!r} does not exist (no object at or below it); expected {CORPUS_FORMS}")
+    visible = [(PurePosixPath(loc.relative(i)).parts, i.path) for i in loc.files()]
+    files = [p for parts, p in sorted(visible) if not any(part.startswith(".") for part in parts)]
+    return _classify_folder(spec, loc.path, files, max_documents, loc.filesystem)
 
 
 def decode_utf8(data: bytes) -> tuple[str, int, int, int]:
@@ -380,12 +418,13 @@ def read_corpus(
     if source.kind == "text_files":
         paths = list(source.paths[:max_documents])
         n_blocks = int(np.clip(len(paths) // 8, min(len(paths), 2), 64))  # >= 2 blocks feed 2 actors
-        ds = ray.data.read_binary_files(paths, include_paths=True, override_num_blocks=n_blocks)
+        ds = ray.data.read_binary_files(paths, include_paths=True, override_num_blocks=n_blocks,
+                                        filesystem=source.filesystem)
         return ds.map_batches(_decode_utf8, batch_format="pyarrow", batch_size=None)
     if source.kind == "parquet":
-        ds = ray.data.read_parquet(list(source.paths))
+        ds = ray.data.read_parquet(list(source.paths), filesystem=source.filesystem)
     else:
-        ds = ray.data.read_json(list(source.paths), file_extensions=None)
+        ds = ray.data.read_json(list(source.paths), file_extensions=None, filesystem=source.filesystem)
     schema = ds.schema()
     names = list(schema.names)
     if text_column not in names:

@@ -27,6 +27,8 @@ Sources:
 Everything is written to a temporary sibling folder and renamed to ``out_dir`` at the end (the helpers
 of `data/prepare.py`), so a failure leaves no half-written dataset and loses nothing already there.
 On a multi-node cluster ``out_dir`` must be on storage every node sees (the fractal actors write there).
+An ``out_dir`` on an object store (``s3://bucket/prefix``) is built in a local temporary folder and uploaded
+with ``manifest.json`` last (:mod:`data.upload`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import contextlib
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -48,8 +49,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray.data import DataContext
 
 from data import pack
+from data.location import is_uri
 from data.manifest import ImageManifest, ImageShardInfo, ImageSplitInfo
-from data.prepare import _check_out_dir, _data_context, _fmt, _replace_dir
+from data.prepare import _check_out_dir, _data_context, _fmt, _publish, _remote_target, _temp_folder
 
 SPLIT_STREAMS = {"train": 0, "val": 1}  # seeded-shuffle streams of digits/folder rows
 _FRACTAL_ONLY = ("n_classes", "instances", "train_rows", "val_rows", "points")
@@ -80,8 +82,16 @@ class ImagePrepareConfig(BaseModel):
     seed: int = Field(
         0, ge=0, le=(1 << 64) - 1, description="fractal systems and renders; digits/folder split"
     )
-    out_dir: Path = Field(description="output folder (must not exist or be empty unless overwrite)")
+    out_dir: Path | str = Field(
+        description="output folder, or an object-store URI such as s3://bucket/prefix (must not exist or be empty "
+        "unless overwrite)"
+    )
     overwrite: bool = Field(False, description="replace an existing non-empty out_dir")
+
+    @field_validator("out_dir")
+    @classmethod
+    def _out_dir(cls, v: Path | str) -> Path | str:
+        return v if isinstance(v, str) and is_uri(v) else Path(v)  # URIs stay strings (a Path folds s3:// to s3:/)
 
     @field_validator("folder", mode="before")
     @classmethod
@@ -354,11 +364,11 @@ def prepare_images(config: ImagePrepareConfig, *, progress: bool = True) -> dict
     val_shards, shards, seconds, images_per_s.
     """
     t0 = time.perf_counter()
-    out_dir = Path(config.out_dir).expanduser().absolute()
-    _check_out_dir(out_dir, config.overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    target = _remote_target(config.out_dir, config.overwrite)  # an object store: built locally, then uploaded
+    out_dir = Path(config.out_dir).expanduser().absolute() if target is None else None
+    if out_dir is not None:
+        _check_out_dir(out_dir, config.overwrite)
+    tmp = _temp_folder(out_dir)
     try:
         if config.source == "fractals":
             splits = _render_fractals(config, tmp, progress=progress)
@@ -384,7 +394,7 @@ def prepare_images(config: ImagePrepareConfig, *, progress: bool = True) -> dict
         )
         manifest.save(tmp)
         manifest.verify(tmp)
-        _replace_dir(tmp, out_dir)
+        _publish(tmp, out_dir, target, config.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -392,7 +402,7 @@ def prepare_images(config: ImagePrepareConfig, *, progress: bool = True) -> dict
     seconds = time.perf_counter() - t0
     rows = splits["train"].rows + splits["val"].rows
     summary: dict[str, Any] = {
-        "out_dir": str(out_dir),
+        "out_dir": str(out_dir) if target is None else target.shown,
         "source": config.source,
         "n_classes": manifest.n_classes,
         "image_size": config.image_size,

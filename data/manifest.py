@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data.tokenizer import EOS_TOKEN, PAD_TOKEN, TokenizerRoles, tokenizer_sha256
+from data.location import Location, resolve
+from data.tokenizer import EOS_TOKEN, PAD_TOKEN, TokenizerRoles
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "rpt-packed-v1"
@@ -204,16 +205,17 @@ class _ManifestFiles:
         """Absolute paths of a split's shards, in row-id order."""
         return [Path(directory) / s.path for s in self.splits[split].shards]
 
-    def _shard_footers(self, directory: Path):
-        """Every shard's (split, shard info, path, footer metadata, arrow schema), after checking that it exists,
+    def _shard_footers(self, directory: str | Path):
+        """Every shard's (split, shard info, location, footer metadata, arrow schema), after checking that it exists,
         is readable Parquet and holds the recorded rows (errors name the file and the fix)."""
+        root = resolve(directory)
         for split, info in self.splits.items():
             for shard in info.shards:
-                path = directory / shard.path
+                path = root.join(shard.path)
                 if not path.is_file():
                     raise FileNotFoundError(f"{split} shard {str(path)!r} is missing; {_RERUN}")
                 try:
-                    meta = pq.read_metadata(path)
+                    meta = pq.read_metadata(path.path, filesystem=path.filesystem)
                     schema = meta.schema.to_arrow_schema()
                 except (pa.ArrowException, OSError) as exc:
                     raise ValueError(
@@ -229,9 +231,8 @@ class _ManifestFiles:
     def verify_rows(self, directory: str | Path) -> None:
         """Read every row group of every shard (``data.verify_shards: full``): damage inside a shard whose
         footer is intact (bytes overwritten, a bad disk block) is found here, naming the file and the rows."""
-        directory = Path(directory)
         for split, shard, path, meta, _ in self._shard_footers(directory):
-            pf, first = pq.ParquetFile(path), shard.row_id_start
+            pf, first = pq.ParquetFile(path.path, filesystem=path.filesystem), shard.row_id_start
             for i in range(meta.num_row_groups):
                 n = meta.row_group(i).num_rows
                 try:
@@ -290,21 +291,11 @@ class Manifest(_ManifestFiles, _Strict):
 
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:
-        """Read `DIR/manifest.json`; errors name the path and how to create it."""
-        directory = Path(directory)
-        path = directory / MANIFEST_NAME
-        if not directory.is_dir():
-            raise FileNotFoundError(
-                f"prepared dataset folder {str(directory)!r} does not exist; create it with "
-                f"`rpt data prepare` (out_dir={str(directory)!r})"
-            )
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{str(path)!r} does not exist: {str(directory)!r} is not a prepared dataset folder; "
-                "create one with `rpt data prepare`"
-            )
+        """Read `DIR/manifest.json` (a local folder or a URI, :mod:`data.location`); errors name the path and how
+        to create it."""
+        path = _manifest_path(directory)
         try:
-            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+            return cls.model_validate_json(path.read_text())
         except ValidationError as exc:
             raise ValueError(
                 f"invalid manifest {str(path)!r} ({exc.error_count()} errors); {_RERUN}:\n{exc}"
@@ -316,11 +307,10 @@ class Manifest(_ManifestFiles, _Strict):
         Reads only Parquet footers (cheap). Raises FileNotFoundError for a missing file and ValueError
         for a mismatching or unreadable one, naming the file and suggesting `rpt data prepare`.
         """
-        directory = Path(directory)
-        tok_path = directory / self.tokenizer.path
+        tok_path = resolve(directory).join(self.tokenizer.path)
         if not tok_path.is_file():
             raise FileNotFoundError(f"tokenizer {str(tok_path)!r} is missing; {_RERUN}")
-        if tokenizer_sha256(tok_path) != self.tokenizer.sha256:
+        if tok_path.sha256() != self.tokenizer.sha256:
             raise ValueError(f"tokenizer {str(tok_path)!r} does not match the manifest's sha256; {_RERUN}")
         expected_type = pa.list_(pa.int32(), self.row_len)
         for split, _, path, _, schema in self._shard_footers(directory):
@@ -412,7 +402,7 @@ class ImageManifest(_ManifestFiles, _Strict):
         """Read `DIR/manifest.json`; errors name the path and how to create it."""
         path = _manifest_path(directory)
         try:
-            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+            return cls.model_validate_json(path.read_text())
         except ValidationError as exc:
             raise ValueError(
                 f"invalid image manifest {str(path)!r} ({exc.error_count()} errors); {_RERUN}:\n{exc}"
@@ -425,7 +415,6 @@ class ImageManifest(_ManifestFiles, _Strict):
         writer stored them). Raises FileNotFoundError for a missing file and ValueError for a
         mismatching or unreadable one, naming the file and suggesting `rpt data prepare`.
         """
-        directory = Path(directory)
         expected = self.arrow_schema()
         for split, shard, path, meta, schema in self._shard_footers(directory):
             if schema.names != expected.names or schema.types != expected.types:
@@ -464,10 +453,10 @@ def _column_bounds(meta: pq.FileMetaData, column: str) -> tuple[int, int] | None
     return None if lo is None else (int(lo), int(hi))
 
 
-def _manifest_path(directory: str | Path) -> Path:
+def _manifest_path(directory: str | Path) -> Location:
     """`DIR/manifest.json`, or FileNotFoundError naming the path and `rpt data prepare`."""
-    directory = Path(directory)
-    path = directory / MANIFEST_NAME
+    directory = resolve(directory)
+    path = directory.join(MANIFEST_NAME)
     if not directory.is_dir():
         raise FileNotFoundError(
             f"prepared dataset folder {str(directory)!r} does not exist; create it with "
@@ -481,11 +470,17 @@ def _manifest_path(directory: str | Path) -> Path:
     return path
 
 
+def is_prepared(directory: str | Path) -> bool:
+    """Whether ``directory`` (a local folder or a URI) holds a ``manifest.json``, text or images: a folder without
+    one is not prepared data (prepare writes the manifest last)."""
+    return resolve(directory).join(MANIFEST_NAME).is_file()
+
+
 def load_any_manifest(directory: str | Path) -> Manifest | ImageManifest:
     """The manifest of a prepared folder, text (`Manifest`) or images (`ImageManifest`), by its "format"."""
     path = _manifest_path(directory)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"manifest {str(path)!r} is not valid JSON ({exc}); {_RERUN}") from exc
     # A manifest without "format" predates the field; Manifest's default format applies.

@@ -33,7 +33,9 @@ Next to `tokenizer.json` goes `tokenizer_config.json` (`TokenizerRoles.to_tokeni
 bos/eos/pad tokens and add_bos_token), for every tokenizer, so exports can be loaded by `transformers`.
 
 Everything is written to a temporary sibling folder and renamed to `out_dir` at the end, so a failure
-leaves no half-written dataset behind.
+leaves no half-written dataset behind. `corpus` and `out_dir` may be URIs of an object store
+(`s3://bucket/prefix`, :mod:`data.location`): an `out_dir` there is built in a local temporary folder and
+uploaded with `manifest.json` last (:mod:`data.upload`, which describes the guarantee and `overwrite`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import contextlib
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -73,6 +76,7 @@ from data.corpus import (
     undecodable_rows,
 )
 from data.curation import DedupSpec, FilterSpec, SelectSpec
+from data.location import Location, check_reachable, is_uri, resolve
 from data.manifest import (
     DecodeErrors,
     DocumentCounts,
@@ -116,14 +120,18 @@ class PrepareConfig(BaseModel):
     corpus: str = Field(
         description="folder/file of text, Parquet or JSONL, or builtin:pydoc|stdlib-py|c-headers"
     )
-    out_dir: Path = Field(description="output folder (must not exist or be empty unless overwrite)")
+    out_dir: Path | str = Field(
+        description="output folder, or an object-store URI such as s3://bucket/prefix (must not exist or be empty "
+        "unless overwrite)"
+    )
     seq_len: int = Field(128, ge=2, le=1 << 20, description="model context; rows hold seq_len + 1 tokens")
     vocab_size: int = Field(4096, le=(1 << 31) - 1, description="BPE vocab incl. 256 bytes + special tokens")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents held out for val")
     shard_rows: int = Field(2048, ge=1, description="rows per Parquet shard (the last may be smaller)")
     seed: int = Field(0, ge=0, le=(1 << 64) - 1, description="seeds the split, tokenizer sample, shuffle")
-    tokenizer: Path | None = Field(
-        None, description="tokenizer.json or Hugging Face tokenizer folder to use instead of training one"
+    tokenizer: Path | str | None = Field(
+        None, description="tokenizer.json or Hugging Face tokenizer folder (a path or an object-store URI) to use "
+        "instead of training one"
     )
     bos_token: str | None = Field(
         None, min_length=1, description="BOS token; default: the tokenizer folder's tokenizer_config.json"
@@ -169,6 +177,13 @@ class PrepareConfig(BaseModel):
             allowed = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_CORPORA)
             raise ValueError(f"unknown builtin corpus {v!r}; allowed: {allowed}")
         return v
+
+    @field_validator("out_dir", "tokenizer")
+    @classmethod
+    def _location(cls, v: Path | str | None) -> Path | str | None:
+        if v is None or (isinstance(v, str) and is_uri(v)):
+            return v  # URIs stay strings (a Path folds s3:// to s3:/)
+        return Path(v)
 
     @field_validator("special_tokens")
     @classmethod
@@ -647,6 +662,34 @@ def _write_progress(progress: bool) -> Iterator[Any]:
 
 
 def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Prepare `config.corpus` into `config.out_dir` (see :func:`_prepare`); a tokenizer given as an object-store
+    URI is downloaded into a temporary folder first, with the Hugging Face files next to it."""
+    if config.tokenizer is None or not is_uri(config.tokenizer):
+        return _prepare(config, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="rpt-tokenizer-") as tmp:
+        local = _download_tokenizer(str(config.tokenizer), Path(tmp))
+        return _prepare(config.model_copy(update={"tokenizer": local}), progress=progress)
+
+
+def _download_tokenizer(uri: str, dest: Path) -> Path:
+    """A `tokenizer.json` (or a tokenizer folder) on a store, with the `tokenizer_config.json` and
+    `special_tokens_map.json` of its folder where present, copied into `dest`; returns the local equivalent."""
+    from data.location import copy_to_local
+    from data.tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+
+    what = "data.prepare.tokenizer"
+    loc = resolve(uri, what=what)
+    check_reachable(loc, what)
+    folder, name = (loc, TOKENIZER_FILE) if loc.is_dir() else (loc.parent, loc.name)
+    if not folder.join(name).is_file():
+        raise FileNotFoundError(f"{what}={uri!r} does not exist (no {name} there)")
+    for file in (name, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE):
+        if file == name or folder.join(file).is_file():
+            copy_to_local(folder.join(file).uri, dest / file)
+    return dest if loc.is_dir() else dest / name
+
+
+def _prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     """Prepare `config.corpus` into `config.out_dir`; returns a summary dict (and prints it if `progress`).
 
     Uses the current Ray instance (Ray Data starts a local one if none is running). `progress` turns
@@ -657,15 +700,15 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     undecodable_files (text files that were not valid UTF-8, kept or left out by `on_decode_error`).
     """
     t0 = time.perf_counter()
-    out_dir = Path(config.out_dir).expanduser().absolute()
-    _check_out_dir(out_dir, config.overwrite)
+    target = _remote_target(config.out_dir, config.overwrite)
+    out_dir = Path(config.out_dir).expanduser().absolute() if target is None else None
+    if out_dir is not None:
+        _check_out_dir(out_dir, config.overwrite)
     source = resolve_corpus(config.corpus, max_documents=config.max_documents)  # path errors before Ray work
     # fail fast on a bad tokenizer file or special-token role, before any Ray work
     given = load_given_tokenizer(config) if config.tokenizer is not None else None
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = _temp_folder(out_dir)
     try:
         with _data_context(progress):
             docs, decode, decode_warn = _read_documents(source, config)
@@ -707,14 +750,14 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         )
         manifest.save(tmp)
         manifest.verify(tmp)
-        _replace_dir(tmp, out_dir)
+        _publish(tmp, out_dir, target, config.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
     seconds = time.perf_counter() - t0
     summary: dict[str, Any] = {
-        "out_dir": str(out_dir),
+        "out_dir": str(out_dir) if target is None else target.shown,
         "corpus": config.corpus,
         "documents": stats.documents,
         "train_documents": stats.train_documents,
@@ -737,6 +780,45 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     if progress:
         _print_summary(summary, decode_warn)
     return summary
+
+
+def _remote_target(out_dir: Path | str, overwrite: bool) -> Location | None:
+    """``out_dir`` on an object store, checked (store reachable, bucket there, prefix free or a prepared folder
+    under ``overwrite``); None for a local ``out_dir``."""
+    from data.upload import check_out_dir
+
+    if not is_uri(out_dir):
+        return None
+    what = "out_dir (data.path)"
+    target = resolve(out_dir, what=what)
+    check_reachable(target, what)
+    check_out_dir(target, overwrite)
+    return target
+
+
+def _temp_folder(out_dir: Path | None) -> Path:
+    """Where the preparation is built: a sibling of a local ``out_dir`` (renamed at the end), else a local
+    temporary folder (uploaded at the end)."""
+    if out_dir is None:
+        return Path(tempfile.mkdtemp(prefix="rpt-prepare-"))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, out_dir: Path | None, target: Location | None, overwrite: bool) -> None:
+    """The finished ``tmp`` becomes ``out_dir`` (a rename), or is uploaded to ``target`` and removed."""
+    from data.upload import upload_prepared
+
+    if target is None:
+        assert out_dir is not None
+        _replace_dir(tmp, out_dir)
+        return
+    try:
+        upload_prepared(tmp, target, overwrite=overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Shard:
-    path: str  # absolute
+    path: str  # absolute, or a URI (data.location): workers resolve its filesystem
     rows: int
     row_id_start: int
 
@@ -213,13 +213,15 @@ def reshard(total: int, old_world: int, rows: int, head: Head | None, new_world:
 
 
 def load_shards(prepared_dir: str | Path, split: str) -> list[Shard]:
-    """The shards of ``split`` from ``manifest.json`` (absolute paths).
+    """The shards of ``split`` from ``manifest.json`` (absolute paths, or URIs of an object store).
 
     Reads the raw JSON, so it serves text ("rpt-packed-v1") and image ("rpt-images-v1") folders alike:
     both list ``splits[split].shards`` as ``{path, rows, row_id_start}``.
     """
-    root = Path(prepared_dir).resolve()
-    path = root / "manifest.json"
+    from data.location import is_uri, resolve
+
+    root = resolve(prepared_dir if is_uri(prepared_dir) else Path(prepared_dir).resolve())
+    path = root.join("manifest.json")
     if not path.is_file():
         raise FileNotFoundError(
             f"{str(path)!r} does not exist: {str(root)!r} is not a prepared dataset folder; "
@@ -227,7 +229,7 @@ def load_shards(prepared_dir: str | Path, split: str) -> list[Shard]:
         )
     manifest = json.loads(path.read_text())
     return [
-        Shard(path=str(root / s["path"]), rows=int(s["rows"]), row_id_start=int(s["row_id_start"]))
+        Shard(path=root.join(s["path"]).uri, rows=int(s["rows"]), row_id_start=int(s["row_id_start"]))
         for s in manifest["splits"][split]["shards"]
     ]
 
@@ -314,12 +316,13 @@ class _ReadPieces:
 
     def __call__(self, batch):
         import pyarrow as pa
-        import pyarrow.parquet as pq
+
+        from data.location import read_parquet
 
         out = []
         for row in batch.to_pylist():
             try:
-                table = pq.read_table(row["path"], columns=self.columns)
+                table = read_parquet(row["path"], columns=self.columns)
             except (pa.ArrowException, OSError) as exc:
                 raise ValueError(
                     f"training shard {row['path']!r} (row ids {row['lo']}..{row['hi'] - 1}) cannot be read: {exc}; "
@@ -412,13 +415,14 @@ def read_rows(paths: list[str], columns: list[str], limit: int) -> dict[str, np.
     never comes through here; it streams through Ray Data (:class:`PlannedDataConfig`).
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from data.location import read_parquet
 
     tables, have = [], 0
     for path in paths:
         if have >= limit:
             break
-        table = pq.read_table(path, columns=columns)
+        table = read_parquet(path, columns=columns)
         tables.append(table.slice(0, limit - have))
         have += tables[-1].num_rows
     if not tables:

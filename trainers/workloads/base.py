@@ -93,7 +93,7 @@ class WorkloadSpec:
         raise NotImplementedError
 
     # ---- driver side ----------------------------------------------------------------------------
-    def check(self, cfg: RunConfig, root: Path, manifest) -> DataFacts:
+    def check(self, cfg: RunConfig, root: Path | str, manifest) -> DataFacts:
         """Everything about the prepared data that can fail, before Ray starts; returns the facts."""
         raise NotImplementedError
 

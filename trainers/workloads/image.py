@@ -39,7 +39,7 @@ class ImageSpec(WorkloadSpec):
 
         return issubclass(objective_cls, VisionObjective)
 
-    def check(self, cfg: RunConfig, root: Path, manifest) -> DataFacts:
+    def check(self, cfg: RunConfig, root: Path | str, manifest) -> DataFacts:
         fields = {"image_size": manifest.image_size, "channels": manifest.channels, "n_classes": manifest.n_classes,
                   "class_names": list(manifest.class_names)}
         return DataFacts(self.kind, manifest, fields)

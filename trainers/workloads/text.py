@@ -44,13 +44,17 @@ class TextSpec(WorkloadSpec):
 
         return issubclass(objective_cls, TokenObjective)
 
-    def check(self, cfg: RunConfig, root: Path, manifest) -> DataFacts:
+    def check(self, cfg: RunConfig, root: Path | str, manifest) -> DataFacts:
+        from data.location import is_uri, resolve
+
         tok = manifest.tokenizer
+        # the workers copy the tokenizer into every export: an absolute path, or a URI they read from the store
+        tok_file = resolve(root if is_uri(root) else Path(root).resolve()).join(tok.path)
         vocab = tok.vocab_size
         if cfg.model.vocab_size is not None and cfg.model.vocab_size != vocab:
             raise DataError(
                 f"model.vocab_size={cfg.model.vocab_size} does not match the tokenizer vocabulary of {vocab} "
-                f"({root / tok.path}); remove model.vocab_size (it defaults to the tokenizer's) "
+                f"({tok_file}); remove model.vocab_size (it defaults to the tokenizer's) "
                 "or prepare the data with data.prepare.vocab_size matching the model"
             )
         if cfg.model.max_seq_len is not None and cfg.model.max_seq_len < manifest.seq_len:
@@ -60,7 +64,7 @@ class TextSpec(WorkloadSpec):
             )
         roles = tokenizer_roles(manifest)
         fields = {
-            "tokenizer_path": str((root / tok.path).resolve()),
+            "tokenizer_path": tok_file.uri,
             "tokenizer_sha256": tok.sha256,
             "vocab_size": vocab,
             "seq_len": manifest.seq_len,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -56,9 +55,10 @@ class TextWorkload:
         return {}
 
     def export(self, state: dict[str, torch.Tensor], directory: Path) -> None:
+        from data.location import copy_to_local
         from models.io import save_pretrained
 
         save_pretrained(state, self.model_cfg, directory)
-        shutil.copy(self.data["tokenizer_path"], directory / TOKENIZER)
+        copy_to_local(self.data["tokenizer_path"], directory / TOKENIZER)  # a path, or a URI read from the store
         roles = {**self.data["tokenizer_config"], "model_max_length": self.model_cfg.max_seq_len}
         (directory / TOKENIZER_CONFIG).write_text(json.dumps(roles, indent=2) + "\n")
