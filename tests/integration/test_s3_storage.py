@@ -1,5 +1,6 @@
-"""storage_path on an S3-compatible object store: a run writes its checkpoints into a bucket served on
-localhost (moto's S3 server), resumes from them with a higher max_steps, and registers the model.
+"""Data and checkpoints on an S3-compatible object store (moto's S3 server on localhost): a corpus in a bucket is
+prepared into a bucket, a run trains from there with its checkpoints in a bucket, resumes from them with a higher
+max_steps and registers the model; image and continual runs keep their checkpoints there too.
 
 Credentials reach the Ray workers only through their environment (the filesystem Ray pickles to them
 carries none, by design). The workers are forked from the session's Ray instance, which inherits this
@@ -67,62 +68,6 @@ def s3_endpoint(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def test_checkpoints_in_s3_resume_and_register(ray_session, debug_data, tmp_path, tracking_uri, s3_endpoint):
-    import mlflow
-    import pyarrow.fs as pafs
-
-    import cluster.train
-    from cluster.config import load_config
-    from cluster.storage import resolve_storage
-    from cluster.train import run_train
-
-    if not hasattr(cluster.train, "resolve_storage"):  # fail before a URI is taken for a local path
-        pytest.fail("cluster/train.py does not resolve storage_path through cluster.storage.resolve_storage")
-    # The endpoint travels in the URI (pyarrow's option names); credentials only in the environment.
-    storage_path = f"s3://{BUCKET}/runs?endpoint_override={s3_endpoint}&region=us-east-1"
-
-    def cfg(max_steps: int):
-        return load_config(REPO / "configs/debug-lm.yaml", [
-            f"data.path={debug_data}", f"storage_path={storage_path}", f"tracking.artifact_root={tmp_path / 'art'}",
-            "name=s3-debug", f"trainer.max_steps={max_steps}", "trainer.checkpoint_every=5", "trainer.eval_every=5",
-            "trainer.log_every=5", "trainer.keep_checkpoints=2",
-        ])
-
-    first = run_train(cfg(10), tracking_uri=tracking_uri, register=False)
-    assert first.checkpoint.startswith(f"s3://{BUCKET}/runs/s3-debug/checkpoint_"), first.checkpoint
-    assert not (Path.cwd() / "s3:").exists(), "the URI was taken for a local path"
-
-    # the bucket holds the run: every rank's DeepSpeed shard, the train state, the export files
-    storage = resolve_storage(storage_path)
-    found = storage.latest_checkpoint("s3-debug")
-    assert found is not None
-    state, ckpt = found
-    assert state.step == 10 and state.data_position.rows_consumed == 10 * 8
-    names = {i.base_name for i in storage.filesystem.get_file_info(pafs.FileSelector(ckpt, recursive=True))}
-    assert {"train_state.json", "model.safetensors", "model_config.json", "tokenizer.json",
-            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names
-    assert json.loads(storage.read_text(storage.path("s3-debug", "rpt_run.json")))["mlflow_run_id"] == first.mlflow_run_id
-
-    # resume the same run from the bucket, further, and register the final model from there
-    second = run_train(cfg(15), resume=True, tracking_uri=tracking_uri)
-    assert second.run_name == "s3-debug" and second.mlflow_run_id == first.mlflow_run_id
-    assert second.metrics["step"] == 15
-    state2, _ = storage.latest_checkpoint("s3-debug")
-    assert state2.step == 15 and state2.data_position.rows_consumed == 15 * 8, "resumed, not restarted"
-    steps = [s.step for s, _ in storage.checkpoints("s3-debug")]
-    assert steps == [10, 15], f"keep_checkpoints=2 applies in the bucket too: {steps}"
-
-    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    assert [m.step for m in client.get_metric_history(first.mlflow_run_id, "train/loss")] == [5, 10, 15]
-    mv = client.get_model_version_by_alias("debug-lm", "current")
-    assert int(mv.version) == second.model_version and mv.run_id == first.mlflow_run_id
-    assert client.get_run(first.mlflow_run_id).data.tags["rpt.checkpoint"].startswith(f"s3://{BUCKET}/runs/s3-debug/")
-    from cluster.registry import load_model
-
-    model, tok = load_model("debug-lm@current", tracking_uri=tracking_uri)
-    assert sum(p.numel() for p in model.parameters()) > 0 and tok.get_vocab_size() == 1024
 
 
 def test_image_run_in_s3_registers_its_encoder(ray_session, tmp_path, tracking_uri, s3_endpoint):
@@ -211,10 +156,14 @@ def _prepare_config(corpus: str, out_dir: str):
 
 def test_data_prepared_from_and_into_s3_trains_and_resumes(ray_session, tmp_path, tracking_uri, s3_endpoint):
     """Acceptance: prepare from an s3:// corpus into s3:// shards (byte-identical to a local preparation of the same
-    corpus), train 10 steps from the bucket, resume to 12; every rank reads exactly its planned rows."""
+    corpus), train 10 steps from the bucket with the checkpoints in a bucket, resume to 15 there and register the
+    model from the bucket; every rank reads exactly its planned rows."""
+    import mlflow
     import numpy as np
+    import pyarrow.fs as pafs
 
     from cluster.config import load_config
+    from cluster.storage import resolve_storage
     from cluster.train import run_train
     from data.location import resolve
     from data.manifest import Manifest, is_prepared
@@ -255,26 +204,56 @@ def test_data_prepared_from_and_into_s3_trains_and_resumes(ray_session, tmp_path
     assert len(shards) >= 3 and all(s.path.startswith(f"s3://{BUCKET}/data/prepared/train/part-") for s in shards)
     assert all(s.path.endswith(f"?{query}") for s in shards)  # the endpoint travels with every shard to the workers
 
+    # Checkpoints in the bucket too; the endpoint travels in the URI (pyarrow's option names), credentials only in
+    # the environment.
+    storage_path = f"s3://{BUCKET}/runs?{query}"
+
     def cfg(max_steps: int):
         return load_config(REPO / "configs/debug-lm.yaml", [
-            f"data.path={prepared}", f"storage_path={tmp_path / 'results'}", f"tracking.artifact_root={tmp_path / 'art'}",
-            "name=s3-data", f"trainer.max_steps={max_steps}", "schedule.total_steps=12", "trainer.checkpoint_every=10",
-            "trainer.eval_every=100", "trainer.log_every=5", "data.eval_rows=8",
+            f"data.path={prepared}", f"storage_path={storage_path}", f"tracking.artifact_root={tmp_path / 'art'}",
+            "name=s3-data", f"trainer.max_steps={max_steps}", "schedule.total_steps=15", "trainer.checkpoint_every=5",
+            "trainer.eval_every=100", "trainer.log_every=5", "data.eval_rows=8", "trainer.keep_checkpoints=2",
         ])
 
     audit = tmp_path / "audit"
     first = run_train(cfg(10), tracking_uri=tracking_uri, register=False, callbacks=[AuditRows(audit)])
     assert first.metrics["step"] == 10
-    tok = Path(first.checkpoint, "tokenizer.json")  # the workers copied the tokenizer from the bucket into the export
-    assert tok.read_bytes() == remote.join("tokenizer.json").read_bytes()
-    second = run_train(cfg(12), resume=True, tracking_uri=tracking_uri, register=False, callbacks=[AuditRows(audit)])
-    assert second.mlflow_run_id == first.mlflow_run_id and second.metrics["step"] == 12
-    state = json.loads(Path(second.checkpoint, "train_state.json").read_text())
-    assert state["step"] == 12 and state["data_position"]["rows_consumed"] == 12 * 8, "resumed, not restarted"
-    for rank in range(2):  # the first fit's rows 0..79, then the resumed fit's 80..95, as planned
+    assert first.checkpoint.startswith(f"s3://{BUCKET}/runs/s3-data/checkpoint_"), first.checkpoint
+    assert not (Path.cwd() / "s3:").exists(), "the URI was taken for a local path"
+
+    # the bucket holds the run: every rank's DeepSpeed shard, the train state, the export files; the workers copied
+    # the tokenizer from the data bucket into the export
+    storage = resolve_storage(storage_path)
+    state, ckpt = storage.latest_checkpoint("s3-data")
+    assert state.step == 10 and state.data_position.rows_consumed == 10 * 8
+    names = {i.base_name for i in storage.filesystem.get_file_info(pafs.FileSelector(ckpt, recursive=True))}
+    assert {"train_state.json", "model.safetensors", "model_config.json", "tokenizer.json",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names
+    assert storage.read_text(f"{ckpt}/tokenizer.json").encode() == remote.join("tokenizer.json").read_bytes()
+    assert json.loads(storage.read_text(storage.path("s3-data", "rpt_run.json")))["mlflow_run_id"] == first.mlflow_run_id
+
+    # resume the same run from the bucket, further, and register the final model from there
+    second = run_train(cfg(15), resume=True, tracking_uri=tracking_uri, callbacks=[AuditRows(audit)])
+    assert second.run_name == "s3-data" and second.mlflow_run_id == first.mlflow_run_id
+    assert second.metrics["step"] == 15
+    state2, _ = storage.latest_checkpoint("s3-data")
+    assert state2.step == 15 and state2.data_position.rows_consumed == 15 * 8, "resumed, not restarted"
+    steps = [s.step for s, _ in storage.checkpoints("s3-data")]
+    assert steps == [10, 15], f"keep_checkpoints=2 applies in the bucket too: {steps}"
+    for rank in range(2):  # the first fit's rows, then the resumed fit's, as planned: none twice, none skipped
         got = np.concatenate([np.load(f) for f in sorted(audit.glob(f"rank{rank}-step*.npy"))])
-        want = pieces_row_ids(rank_pieces(shards, world_size=2, rank=rank, seed=0, start=0, count=12 * 8))
+        want = pieces_row_ids(rank_pieces(shards, world_size=2, rank=rank, seed=0, start=0, count=15 * 8))
         np.testing.assert_array_equal(got, want)
+
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    assert [m.step for m in client.get_metric_history(first.mlflow_run_id, "train/loss")] == [5, 10, 15]
+    mv = client.get_model_version_by_alias("debug-lm", "current")
+    assert int(mv.version) == second.model_version and mv.run_id == first.mlflow_run_id
+    assert client.get_run(first.mlflow_run_id).data.tags["rpt.checkpoint"].startswith(f"s3://{BUCKET}/runs/s3-data/")
+    from cluster.registry import load_model
+
+    model, tok = load_model("debug-lm@current", tracking_uri=tracking_uri)
+    assert sum(p.numel() for p in model.parameters()) > 0 and tok.get_vocab_size() == manifest.tokenizer.vocab_size
 
 
 def test_data_on_a_missing_bucket_or_endpoint_is_one_clear_error(s3_endpoint, tmp_path):
