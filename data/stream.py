@@ -317,13 +317,20 @@ class _ReadPieces:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from data.location import read_parquet
+        from data.location import is_uri, read_parquet
 
         out = []
         for row in batch.to_pylist():
             try:
                 table = read_parquet(row["path"], columns=self.columns)
             except (pa.ArrowException, OSError) as exc:
+                if is_uri(row["path"]) and isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+                    raise ValueError(  # the store, not the file: network, endpoint, credentials, permissions
+                        f"training shard {row['path']!r} cannot be read from its store: {str(exc).splitlines()[0]}; "
+                        "check the endpoint (the URI's endpoint_override, AWS_ENDPOINT_URL) and the credentials "
+                        "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) in every node's environment, then continue with "
+                        "`rpt train --resume`"
+                    ) from exc
                 raise ValueError(
                     f"training shard {row['path']!r} (row ids {row['lo']}..{row['hi'] - 1}) cannot be read: {exc}; "
                     "the file is damaged: prepare the data again (rpt data prepare --overwrite) or restore it, and "
