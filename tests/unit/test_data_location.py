@@ -213,3 +213,22 @@ def test_submit_accepts_data_on_an_object_store():
     assert not [p for p in problems if "data.path" in p], problems
     problems = check_train_config(str(repo / "configs/debug-lm.yaml"), ["data.path=data/pydoc-64"])
     assert any(p.startswith("data.path='data/pydoc-64' is relative") for p in problems), problems
+
+
+def test_a_shard_the_store_cannot_serve_is_named_as_a_store_problem(clean_env, monkeypatch):
+    """Inside a Ray Data task: a shard URI whose endpoint does not answer is a store problem (endpoint, credentials on
+    every node, then --resume), not a damaged file."""
+    import pyarrow as pa
+
+    from data.stream import _ReadPieces
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    uri = ("s3://bucket/train/part-00000.parquet?endpoint_override=http://127.0.0.1:9&region=us-east-1"
+           "&connect_timeout=0.5&request_timeout=0.5")  # port 9: nothing listens
+    pieces = pa.table({"path": [uri], "lo": [0], "hi": [4], "first_row_id": [0]})
+    with pytest.raises(ValueError) as e:
+        _ReadPieces(["tokens", "row_id"])(pieces)
+    msg = str(e.value)
+    assert "cannot be read from its store" in msg and "AWS_ENDPOINT_URL" in msg and "--resume" in msg
+    assert "damaged" not in msg
