@@ -391,7 +391,7 @@ def plan_fit(cfg: RunConfig, facts: DataFacts, start: FitStart, uri: str, run_id
     eval_shards.update(spec.eval_shards(cfg, [s.path for s in streams[sources[0].name].shards]))
     fit = {"kind": facts.kind, "streams": {k: v.to_dict() for k, v in streams.items()}, "start_step": start.step,
            "declared_grad_accum_steps": start.declared_grad_accum_steps,
-           "mixture": mixture.to_dict() if len(sources) > 1 else {}, "mixed_start": start.mixed,
+           "mixture": mixture.to_dict(), "mixed_start": start.mixed,
            "tracking_uri": uri, "mlflow_run_id": run_id, "eval_shards": eval_shards, "data": facts.fields}
     return fit, datasets, streams
 
