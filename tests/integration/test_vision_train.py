@@ -18,7 +18,9 @@ from cluster.train import check_data, fill_from_data, run_train
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
-OBJECTIVES = ("mae", "hpm", "simclr", "amcl", "barlow_twins", "mixed_barlow_twins", "clip")
+# barlow_twins runs inside mixed_barlow_twins (a subclass that adds the mixup term to its loss): one run under Ray
+# covers both; each objective's loss is checked on its own in tests/unit/test_vision_objectives.py
+OBJECTIVES = ("mae", "hpm", "simclr", "amcl", "mixed_barlow_twins", "clip")
 
 
 @pytest.fixture(scope="module")
