@@ -30,12 +30,13 @@ from bench_common import write_json  # noqa: E402
 def plain_loop(cfg, steps: int, warmup: int) -> dict:
     """Single-process PyTorch: the same model, objective, optimizer and batches, no Ray/DeepSpeed."""
     import numpy as np
-    import pyarrow.parquet as pq
     import torch
 
     import models
     import objectives
+    from data.location import read_parquet
     from data.manifest import Manifest
+    from data.stream import load_shards
     from trainers.engines.base import param_groups
 
     man = Manifest.load(cfg.data.root)
@@ -47,8 +48,8 @@ def plain_loop(cfg, steps: int, warmup: int) -> dict:
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr_peak, betas=o.betas, eps=o.eps)
     mb = cfg.trainer.micro_batch_size
     rows = np.concatenate([
-        np.stack(pq.read_table(p, columns=["tokens"]).column("tokens").to_numpy(zero_copy_only=False))
-        for p in man.shard_paths(cfg.data.root, "train")[:4]
+        np.stack(read_parquet(s.path, columns=["tokens"]).column("tokens").to_numpy(zero_copy_only=False))
+        for s in load_shards(cfg.data.root, "train")[:4]
     ])
     need = (steps + warmup) * mb
     rows = np.resize(rows, (need, rows.shape[1]))

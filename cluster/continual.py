@@ -33,7 +33,8 @@ class TaskSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     data: DataSpec
     steps: int = Field(ge=1, description="optimizer steps of this task")
-    replay_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of each micro-batch replayed")
+    replay_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of the rows replayed from earlier tasks "
+                                   "(a two-source mixture: within one row of it at every micro-batch)")
     replay_tasks: list[str] | None = Field(None, description="earlier tasks replayed (default: all earlier)")
 
 
@@ -64,6 +65,9 @@ class ContinualConfig(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
         for i, t in enumerate(self.tasks):
+            if t.data.sources:
+                raise ValueError(f"tasks[{i}].data.sources: a continual task trains on one folder (data.path); "
+                                 "mixtures are for single runs, and the earlier tasks are mixed in by replay_fraction")
             for r in t.replay_tasks or []:
                 if r not in names[:i]:
                     raise ValueError(f"tasks[{i}].replay_tasks: {r!r} is not an earlier task (earlier: {names[:i]})")
@@ -149,9 +153,6 @@ def prepare_tasks(cfg: ContinualConfig) -> None:
 
     first = cfg.tasks[0].data
     for i, task in enumerate(cfg.tasks):
-        if task.data.path is None:
-            raise ConfigError(f"tasks[{i}].data: a continual task trains on one folder (data.path); data.sources "
-                              "mixtures are for single runs (the earlier tasks are mixed in by replay_fraction)")
         if is_prepared(task.data.path):
             continue
         if task.data.prepare is None:

@@ -63,10 +63,10 @@ def _other_folders(cfg: RunConfig) -> dict[str, str]:
 def _load_verified(field: str, path: str, verify: bool | str):
     """``(root, manifest)`` of a prepared folder (a local path or a URI), its shards checked as
     ``data.verify_shards`` says."""
-    from data.location import is_uri
+    from data.location import is_uri, resolve
     from data.manifest import load_any_manifest
 
-    root = path if is_uri(path) else Path(path)
+    root = path if is_uri(path) else Path(resolve(path).path)  # file:// URIs are local paths
     try:
         manifest = load_any_manifest(root)
         if verify:

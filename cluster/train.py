@@ -366,7 +366,8 @@ def plan_fit(cfg: RunConfig, facts: DataFacts, start: FitStart, uri: str, run_id
     """The planned streams (:func:`data_sources`: each source's rows for this fit, split over the micro-batches by
     :class:`data.mixture.Mixture`), the datasets Ray Train hands the workers, and the
     :class:`trainers.loop.FitPlan` as a dict."""
-    from data.location import parquet_dataset
+    import ray.data
+
     from data.mixture import Mixture
     from data.stream import StreamPlan, load_shards
     from trainers import workloads
@@ -380,7 +381,7 @@ def plan_fit(cfg: RunConfig, facts: DataFacts, start: FitStart, uri: str, run_id
         shards = [sh for p in src.paths for sh in load_shards(p, "train")]
         streams[src.name] = StreamPlan(tuple(shards), src.seed, start.rows.get(src.name, 0), int(count), cols,
                                        start.heads.get(src.name))
-        datasets[src.name] = parquet_dataset([s.path for s in shards], cols)
+        datasets[src.name] = ray.data.range(1)  # a placeholder: PlannedDataConfig builds each rank's stream
     # Evaluation sets are small and fixed: each worker reads them directly (data.stream.read_rows).
     val_sets = {f"val:{k}": v for k, v in cfg.data.eval_sets.items()}
     if cfg.data.sources:

@@ -291,18 +291,3 @@ def copy_to_local(uri: str, dest: str | Path) -> None:
     loc = resolve(uri)
     pafs.copy_files(loc.path, str(dest), source_filesystem=loc.filesystem,
                     destination_filesystem=pafs.LocalFileSystem())
-
-
-def parquet_dataset(uris: Sequence[str], columns: Sequence[str]):
-    """``ray.data.read_parquet`` of files given as local paths or URIs of one store."""
-    import ray.data
-
-    if not uris or not is_uri(uris[0]):
-        return ray.data.read_parquet(list(uris), columns=list(columns))
-    locs = [resolve(u) for u in uris]
-    if any(not loc.remote or loc.filesystem != locs[0].filesystem for loc in locs):
-        raise LocationError(
-            f"the shards {locs[0].shown!r} ... {locs[-1].shown!r} lie on different stores; prepared folders that are "
-            "planned into one stream (data.replay.paths) must be on one store: copy them there"
-        )
-    return ray.data.read_parquet([loc.path for loc in locs], columns=list(columns), filesystem=locs[0].filesystem)

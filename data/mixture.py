@@ -43,8 +43,10 @@ def _shares(weights: tuple[float, ...]) -> tuple[tuple[int, ...], int]:
         return tuple(int(f * q) for f in norm), q
     exact = [float(f) * GRID for f in norm]  # largest remainder onto the grid, every source at least 1
     a = [max(1, math.floor(x)) for x in exact]
-    for i in sorted(range(len(a)), key=lambda i: a[i] - exact[i])[: GRID - sum(a)]:
-        a[i] += 1
+    while sum(a) < GRID:  # the largest remainders get the rows left
+        a[max(range(len(a)), key=lambda i: (exact[i] - a[i], -i))] += 1
+    while sum(a) > GRID:  # sources raised to 1 row: taken from the most over-served of the others
+        a[max((i for i in range(len(a)) if a[i] > 1), key=lambda i: (a[i] - exact[i], -i))] -= 1
     g = math.gcd(*a)
     return tuple(x // g for x in a), sum(a) // g
 

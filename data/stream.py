@@ -218,9 +218,9 @@ def load_shards(prepared_dir: str | Path, split: str) -> list[Shard]:
     Reads the raw JSON, so it serves text ("rpt-packed-v1") and image ("rpt-images-v1") folders alike:
     both list ``splits[split].shards`` as ``{path, rows, row_id_start}``.
     """
-    from data.location import is_uri, resolve
+    from data.location import resolve
 
-    root = resolve(prepared_dir if is_uri(prepared_dir) else Path(prepared_dir).resolve())
+    root = resolve(prepared_dir)  # a URI, file:// or a path (made absolute)
     path = root.join("manifest.json")
     if not path.is_file():
         raise FileNotFoundError(

@@ -93,7 +93,7 @@ class PlannedBatches:
                     f"{pos.mixed} ({sp.start} + {drawn[i]})"
                 )
         self.mixed = pos.mixed
-        self.seen = {name: 0 for name in self.streams} | dict(pos.seen)
+        self.seen = {name: pos.seen.get(name, 0) for name in self.streams}
 
     def open(self, ctx, prefetch: int, n_micro: int) -> None:
         """Per stream: the rows this fit was planned to stream (from the fit's start), a cursor into them (rows

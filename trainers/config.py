@@ -31,7 +31,9 @@ class ReplaySpec(_Strict):
     distribution shift) limits forgetting.
     """
 
-    fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of each micro-batch drawn from replay")
+    fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of the rows drawn from replay (the task's folder "
+                            "and the replayed ones are a two-source mixture, data.mixture: within one row of the share "
+                            "at every micro-batch)")
     paths: list[str] = Field(default_factory=list, description="prepared folders of the earlier tasks replayed")
     seed: int = Field(1, description="seed of the replay stream's order")
 

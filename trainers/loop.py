@@ -106,6 +106,9 @@ class Trainer:
         mixture = Mixture.from_dict(plan.mixture or {name: 1.0 for name in streams})
         self.batches = PlannedBatches(streams, mixture, plan.mixed_start, t.micro_batch_size, rank=self.rank,
                                       world=self.world)
+        # the validation set the workload's extra evaluation (image probes) runs on: the run's own, or with
+        # data.sources the first source's
+        self.main_val = "val" if "val" in plan.eval_shards or not cfg.data.sources else f"val:{cfg.data.sources[0].name}"
         self.callbacks = [*callbacks, NonFiniteGuard(), TrainLogger(), Evaluator(), Checkpointer()]
         self.last_train_loss: float | None = None
         self.skipped_steps = 0  # steps skipped for a non-finite loss (on_nonfinite=skip), saved in checkpoints

@@ -90,3 +90,9 @@ def test_tune_trials_drop_anneal_branches_for_schedules_without_a_constant_phase
     tune = load_tune(REPO / "configs/tune-debug.yaml")
     assert "anneal_steps=0" in tune.trial_overrides({"schedule": "cosine_rewarm"})
     assert "anneal_steps=0" not in tune.trial_overrides({"schedule": "infinite"})
+
+
+def test_a_continual_task_on_a_mixture_is_refused_naming_it():
+    with pytest.raises(ConfigError, match=r"tasks\[1\].data.sources: a continual task trains on one folder"):
+        load_continual(CFG, ["tasks.1.data.path=null", "tasks.1.data.prepare=null",
+                             "tasks.1.data.sources=[{name: a, path: /d/a, weight: 1}]"])

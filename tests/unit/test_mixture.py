@@ -60,6 +60,8 @@ def test_weights_are_normalised_and_odd_ones_rounded_to_the_grid():
     assert third.shares == ((1, 1, 1), 3)
     odd = Mixture(("a", "b"), (0.1234567, 0.8765433))
     assert odd.shares[1] <= GRID and abs(odd.fractions[0] - 0.1234567) < 1 / GRID
+    tiny = Mixture(("a", "b", "c"), (1e-5, 1e-5, 1.0))  # raised to one row each on the grid: equal stay equal
+    assert tiny.shares[0][0] == tiny.shares[0][1] and sum(tiny.shares[0]) == tiny.shares[1]
     with pytest.raises(ValueError, match="positive"):
         Mixture(("a", "b"), (1.0, 0.0))
 

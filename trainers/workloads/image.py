@@ -55,7 +55,7 @@ class ImageSpec(WorkloadSpec):
         if not isinstance(other, ImageManifest) or (other.image_size, other.channels) != (m.image_size, m.channels):
             raise DataError(
                 f"{field_name}={path!r} is not image data of {m.channels}x{m.image_size}x{m.image_size} like "
-                f"data.path: prepare it with data.prepare image_size={m.image_size}, channels={m.channels}"
+                f"the run's data: prepare it with data.prepare image_size={m.image_size}, channels={m.channels}"
             )
 
     def check_init(self, cfg: RunConfig, facts: DataFacts) -> None:

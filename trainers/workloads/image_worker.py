@@ -65,7 +65,7 @@ class ImageWorkload:
         """
         from trainers import probes
 
-        if name != "val" or bank is None:
+        if name != trainer.main_val or bank is None:
             return {}
         bank_emb, bank_labels = self._embed_all(trainer, bank, self.objective.embed)
         q_emb, q_labels = self._embed_all(trainer, rows, self.objective.embed)
