@@ -323,19 +323,10 @@ def _data_context(progress: bool) -> Iterator[None]:
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"out_dir {str(out_dir)!r} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"out_dir {str(out_dir)!r} already exists and is not empty; choose another out_dir or set "
-            "overwrite=True (`rpt data prepare --overwrite`) to replace it"
-        )
-    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
-        # --overwrite replaces a prepared folder, never a folder of the user's that prepare did not write
-        raise FileExistsError(
-            f"out_dir {str(out_dir)!r} holds files but no manifest.json: it was not written by `rpt data prepare`, "
-            "so --overwrite does not replace it (nothing was deleted); choose another data.path"
-        )
+    """A local ``out_dir``: the same rules as on an object store (:func:`data.upload.check_out_dir`)."""
+    from data.upload import check_out_dir
+
+    check_out_dir(resolve(out_dir, what="out_dir"), overwrite)
 
 
 def _gather_numpy(ds: ray.data.Dataset, columns: list[str]) -> dict[str, np.ndarray]:

@@ -39,7 +39,8 @@ def check_out_dir(target: Location, overwrite: bool) -> None:
     """Refuse a target prefix that holds files, unless ``overwrite`` and it is a prepared folder (has a manifest)."""
     if target.is_file():
         raise FileExistsError(f"out_dir {target.shown!r} exists and is not a folder")
-    files = target.files()
+    # anything in it (a local folder may hold only empty folders; an object-store prefix exists only with objects)
+    files = target.filesystem.get_file_info(pafs.FileSelector(target.path)) if target.is_dir() else []
     if files and not overwrite:
         raise FileExistsError(
             f"out_dir {target.shown!r} already exists and is not empty; choose another out_dir or set "
